@@ -1,0 +1,1 @@
+"""Pure ML and the knowledge store: no Kafka in here."""

@@ -1,0 +1,86 @@
+"""The frozen, pretrained CNN every task shares: EfficientNet-Lite0 on timm, features of chosen stages.
+
+The registry package ships the weights of the TF-ported EfficientNet-Lite0; they map one to one onto
+timm's `tf_efficientnet_lite0` (TF "same" padding, inputs normalised with mean = std = 0.5), which
+reproduces the reference implementation's logits exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from pipeline.assets import EFFICIENTNET_LITE0, AssetError, verified_path
+
+# Stage indices of timm's feature_info: 2 -> stride 8 (40 ch), 3 -> stride 16 (112 ch), 4 -> stride 32 (320 ch)
+PATCH_STAGES = (2, 3)  # mid-level: PatchCore's local patch features
+TASK_STAGE = 4  # most semantic: task (product) identification keys
+_TIMM_NAME = "tf_efficientnet_lite0"
+
+
+@dataclass
+class FeatureBatch:
+    """One backbone pass over a batch, shared by task identification and every expert."""
+
+    pixels: torch.Tensor  # B x 3 x S x S in [0, 1]
+    stages: dict[int, torch.Tensor]  # stage index -> B x C x h x w
+
+    @property
+    def image_size(self) -> int:
+        return self.pixels.shape[-1]
+
+
+class Backbone(nn.Module):
+    """Frozen feature extractor; build it with `Backbone.pretrained()`."""
+
+    mean = 0.5
+    std = 0.5
+
+    def __init__(self, stages: tuple[int, ...] = (*PATCH_STAGES, TASK_STAGE)):
+        super().__init__()
+        self.stage_ids = tuple(stages)
+        self.net = timm.create_model(_TIMM_NAME, pretrained=False, features_only=True, out_indices=self.stage_ids)
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def pretrained(cls, device: str | torch.device = "cpu") -> "Backbone":
+        model = cls()
+        model.net.load_state_dict(_timm_state_dict(model.net), strict=True)
+        return model.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def channels(self, stage: int) -> int:
+        return self.net.feature_info.channels()[self.stage_ids.index(stage)]
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> FeatureBatch:
+        pixels = pixels.to(self.device, non_blocking=True)
+        outputs = self.net((pixels - self.mean) / self.std)
+        return FeatureBatch(pixels=pixels, stages=dict(zip(self.stage_ids, outputs)))
+
+    def extract(self, images: list[np.ndarray]) -> FeatureBatch:
+        """`images`: float32 3 x S x S arrays in [0, 1] (see pipeline.imaging.resize_rgb)."""
+        return self(torch.from_numpy(np.stack(images)))
+
+
+def _timm_state_dict(features_net: nn.Module) -> dict[str, torch.Tensor]:
+    """Map the registry's state dict (lukemelas naming) onto timm's names, by order and shape."""
+    source = torch.load(verified_path(EFFICIENTNET_LITE0), map_location="cpu", weights_only=True)
+    full = timm.create_model(_TIMM_NAME, pretrained=False).state_dict()
+    if len(full) != len(source):
+        raise AssetError(f"EfficientNet-Lite0: {len(source)} tensors in the checkpoint, timm expects {len(full)}")
+    mapped = {}
+    for (timm_key, timm_value), (src_key, src_value) in zip(full.items(), source.items()):
+        if timm_value.shape != src_value.shape:
+            raise AssetError(f"EfficientNet-Lite0: {src_key} {tuple(src_value.shape)} does not fit {timm_key}")
+        mapped[timm_key] = src_value
+    wanted = features_net.state_dict().keys()
+    return {key: mapped[key] for key in wanted}

@@ -1,0 +1,35 @@
+"""Anomaly experts: one folder per model, the torch model apart from its fitting logic."""
+
+from __future__ import annotations
+
+from pipeline.experts.base import Expert, ExpertOutput
+from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
+from schemas.config import ModelConfig
+
+DEFAULT_EXPERT = "patchcore"
+EXPERT_TYPES: dict[str, type[Expert]] = {PatchCore.name: PatchCore}
+
+
+def build_expert(name: str, config: ModelConfig) -> Expert:
+    """An unfitted expert of the given name, configured from the model config."""
+    if name == PatchCore.name:
+        return PatchCore(
+            PatchCoreConfig(
+                coreset_ratio=config.coreset_ratio,
+                projection_dim=config.coreset_projection_dim,
+                max_coreset_size=config.max_coreset_size,
+                num_neighbors=config.num_neighbors,
+                map_sigma=config.map_sigma,
+                seed=config.seed,
+            )
+        )
+    raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
+
+
+def load_expert(name: str, state: bytes) -> Expert:
+    if name not in EXPERT_TYPES:
+        raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
+    return EXPERT_TYPES[name].from_bytes(state)
+
+
+__all__ = ["DEFAULT_EXPERT", "EXPERT_TYPES", "Expert", "ExpertOutput", "build_expert", "load_expert"]

@@ -1,0 +1,42 @@
+"""The one interface every anomaly expert implements.
+
+An expert is fitted on normal images of one category, predicts an image score and a pixel map per image,
+and round-trips its whole state through bytes (what the Redis store keeps). Thresholds are not part of
+an expert: they live in the category's calibration (pipeline.calibration).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from pipeline.backbone import FeatureBatch
+
+
+@dataclass
+class ExpertOutput:
+    scores: np.ndarray  # B, raw image scores (higher = more anomalous)
+    maps: np.ndarray  # B x S x S raw pixel scores at the backbone input resolution
+
+
+class Expert(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def fit(self, batches: Iterable[FeatureBatch]) -> None:
+        """Learn from batches of normal images only."""
+
+    @abstractmethod
+    def predict(self, batch: FeatureBatch) -> ExpertOutput: ...
+
+    @abstractmethod
+    def to_bytes(self) -> bytes:
+        """Deterministic: the same fitted state always gives the same bytes."""
+
+    @classmethod
+    @abstractmethod
+    def from_bytes(cls, data: bytes) -> "Expert": ...

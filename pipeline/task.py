@@ -1,0 +1,42 @@
+"""Everything one task (product category) is made of, as published to and loaded from the store."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.calibration import Calibration
+from pipeline.serialization import pack, unpack
+
+
+@dataclass(frozen=True)
+class TaskArtifacts:
+    category: str
+    expert_name: str
+    keys: np.ndarray  # K x D float32 task-identification keys
+    expert_state: bytes  # Expert.to_bytes()
+    calibration: Calibration
+    meta: dict = field(default_factory=dict)  # provenance: train_dir, image counts, timings, config
+
+    def blobs(self) -> dict[str, bytes]:
+        """The task as named byte blobs (see schemas.store.BLOB_KINDS); deterministic."""
+        return {
+            "keys": pack({}, {"keys": self.keys}),
+            "expert": self.expert_state,
+            "calibration": self.calibration.to_bytes(),
+            "meta": json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode(),
+        }
+
+    @classmethod
+    def from_blobs(cls, category: str, expert_name: str, blobs: dict[str, bytes]) -> "TaskArtifacts":
+        _, arrays = unpack(blobs["keys"])
+        return cls(
+            category=category,
+            expert_name=expert_name,
+            keys=arrays["keys"],
+            expert_state=blobs["expert"],
+            calibration=Calibration.from_bytes(blobs["calibration"]),
+            meta=json.loads(blobs["meta"]),
+        )

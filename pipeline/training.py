@@ -1,0 +1,96 @@
+"""Train one task from a folder of normal images: keys, expert and calibration. Touches no other task.
+
+The images are split once (seeded) into a fit part and a held-out calibration part; the expert and the
+keys see only the fit part, thresholds and the unknown-task bound only the held-out part.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.backbone import Backbone, FeatureBatch
+from pipeline.calibration import Calibration
+from pipeline.datasets import list_images
+from pipeline.experts import build_expert
+from pipeline.imaging import decode_image, resize_rgb
+from pipeline.task import TaskArtifacts
+from pipeline.task_id import KeyTaskIdentifier, select_keys, task_features
+from schemas.config import ModelConfig, TrainingConfig
+
+ProgressCallback = Callable[[float, str], None]
+_MAX_TRAIN_PIXELS = 40_000_000
+
+
+def split_images(paths: Sequence[Path], config: TrainingConfig, seed: int, limit: int | None) -> tuple[list[Path], list[Path]]:
+    """Seeded shuffle, cap at `limit`, then fit / held-out calibration parts (at least 2 held out)."""
+    order = np.random.default_rng(seed).permutation(len(paths))
+    chosen = [paths[i] for i in order[: limit or config.max_train_images]]
+    if len(chosen) < 4:
+        raise ValueError(f"need at least 4 normal images, found {len(chosen)}")
+    held_out = max(2, int(round(len(chosen) * config.calibration_fraction)))
+    return chosen[held_out:], chosen[:held_out]
+
+
+def load_pixels(path: Path, image_size: int) -> np.ndarray:
+    return resize_rgb(decode_image(path.read_bytes(), _MAX_TRAIN_PIXELS), image_size)
+
+
+def feature_batches(backbone: Backbone, paths: Sequence[Path], model: ModelConfig, batch_size: int) -> Iterator[FeatureBatch]:
+    for start in range(0, len(paths), batch_size):
+        yield backbone.extract([load_pixels(p, model.image_size) for p in paths[start : start + batch_size]])
+
+
+def train_task(
+    category: str,
+    train_dir: Path,
+    expert_name: str,
+    backbone: Backbone,
+    model: ModelConfig,
+    training: TrainingConfig,
+    false_alarm_rate: float,
+    max_train_images: int | None = None,
+    on_progress: ProgressCallback = lambda fraction, message: None,
+) -> TaskArtifacts:
+    started = time.perf_counter()
+    fit_paths, held_out_paths = split_images(list_images(train_dir), training, model.seed, max_train_images)
+    on_progress(0.05, f"{len(fit_paths)} images to fit, {len(held_out_paths)} held out for calibration")
+
+    # One backbone pass over the fit images feeds both the expert and the keys.
+    batches = list(feature_batches(backbone, fit_paths, model, training.batch_size))
+    features_seconds = time.perf_counter() - started
+    on_progress(0.35, f"features of {len(fit_paths)} images in {features_seconds:.1f}s")
+
+    keys = select_keys(torch.cat([task_features(b) for b in batches]), model.num_keys, model.seed)
+    expert = build_expert(expert_name, model)
+    expert.fit(batches)
+    del batches
+    fit_seconds = time.perf_counter() - started
+    on_progress(0.8, f"{expert_name} fitted in {fit_seconds - features_seconds:.1f}s")
+
+    calibration = _calibrate(backbone, expert, keys, held_out_paths, model, training, false_alarm_rate)
+    meta = {
+        "train_dir": str(train_dir),
+        "max_train_images": max_train_images,
+        "num_fit_images": len(fit_paths),
+        "num_calibration_images": len(held_out_paths),
+        "fit_seconds": round(time.perf_counter() - started, 3),
+        "model_config": model.model_dump(),
+    }
+    on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})")
+    return TaskArtifacts(category, expert_name, keys, expert.to_bytes(), calibration, meta)
+
+
+def _calibrate(backbone, expert, keys, paths, model: ModelConfig, training: TrainingConfig, far: float) -> Calibration:
+    identifier = KeyTaskIdentifier({"self": keys}, {"self": float("inf")})
+    scores, peaks, distances = [], [], []
+    for batch in feature_batches(backbone, paths, model, training.batch_size):
+        output = expert.predict(batch)
+        scores.extend(output.scores.tolist())
+        peaks.extend(output.maps.reshape(len(output.maps), -1).max(axis=1).tolist())
+        distances.extend(identifier.distances(task_features(batch))[:, 0].tolist())
+    return Calibration.from_normals(np.array(scores), np.array(peaks), np.array(distances), far, model.unknown_slack)

@@ -1,0 +1,84 @@
+"""Typed configuration of the stack, the workers and training. Defaults are the values the demo uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TopicsConfig(_Config):
+    """Topic names and their explicit partitioning. Frames are sized for camera images."""
+
+    frames: str = "inspection.frames"
+    control: str = "inspection.control"
+    results: str = "inspection.results"
+    events: str = "inspection.events"
+    dead_letter: str = "inspection.deadletter"
+    frame_partitions: int = Field(default=4, ge=1, description="Upper bound on inference workers.")
+    result_partitions: int = Field(default=4, ge=1)
+    # 16 MiB: a 12 MP PNG fits; larger frames are refused by the broker (and by the worker's own check).
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
+
+    def all_names(self) -> list[str]:
+        return [self.frames, self.control, self.results, self.events, self.dead_letter]
+
+
+class StackConfig(_Config):
+    """Where the local servers listen (loopback only) and keep their data."""
+
+    host: str = "127.0.0.1"
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    redis_port: int = 16379
+    prometheus_port: int = 19090
+    state_dir: Path = Path(".stack")
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.kafka_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host}:{self.redis_port}/0"
+
+
+class ModelConfig(_Config):
+    """Backbone input and PatchCore settings shared by training and inference."""
+
+    image_size: int = Field(default=224, ge=64, description="Square input side fed to the backbone.")
+    coreset_ratio: float = Field(default=0.02, gt=0, le=1)
+    coreset_projection_dim: int = Field(default=64, ge=8)
+    max_coreset_size: int = Field(default=8000, ge=16)
+    num_neighbors: int = Field(default=3, ge=1, description="b in PatchCore's image-score re-weighting.")
+    map_sigma: float = Field(default=4.0, ge=0, description="Gaussian smoothing of the map, input pixels.")
+    num_keys: int = Field(default=32, ge=1, description="Task keys per category (farthest-point sampled).")
+    unknown_slack: float = Field(
+        default=1.5, ge=1.0, description="Unknown bound = slack x the task's highest held-out key distance."
+    )
+    seed: int = 0
+
+
+class TrainingConfig(_Config):
+    max_train_images: int = Field(default=200, ge=4, description="Cap on images used to fit a task.")
+    calibration_fraction: float = Field(default=0.2, gt=0, lt=0.9)
+    batch_size: int = Field(default=16, ge=1)
+
+
+class InferenceConfig(_Config):
+    group_id: str = "inspection-workers"
+    max_batch_size: int = Field(default=8, ge=1)
+    max_wait_ms: int = Field(default=50, ge=0, description="Longest a frame waits for its batch to fill.")
+    max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_frame_pixels: int = Field(default=40_000_000, ge=1024, description="Decoded size limit.")
+    store_poll_interval_s: float = Field(default=0.5, gt=0)
+    metrics_port: int = Field(default=0, ge=0, description="0 = pick a free port.")
+
+
+class ControlConfig(_Config):
+    group_id: str = "inspection-control"
+    metrics_port: int = Field(default=0, ge=0)

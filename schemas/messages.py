@@ -1,0 +1,317 @@
+"""Wire contracts of the pipeline: what travels on each Kafka topic.
+
+Every message carries a schema name and version so a consumer can refuse what it does not understand
+(dead-letter) instead of guessing. Frames put their metadata in Kafka headers and the encoded image
+bytes, untouched, in the record value: a 200 KB JPEG is not inflated by base64. All other messages are
+JSON documents.
+
+A Kafka record is represented here as `Record(key, value, headers)` so this module needs no Kafka client.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Literal, NamedTuple, Union
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+FRAME_SCHEMA = "inspection.frame"
+FRAME_SCHEMA_VERSION = 1
+CATEGORY_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+
+Category = Annotated[str, Field(pattern=CATEGORY_PATTERN, description="Product category = task name.")]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Record(NamedTuple):
+    """A Kafka record without the client: key, value and headers as bytes."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+class SchemaError(ValueError):
+    """A record that does not follow the contract it claims (or claims none)."""
+
+
+class _Message(BaseModel):
+    # bytes fields travel as base64 in JSON but are raw bytes in Python.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+
+# --------------------------------------------------------------------------------------------- frames
+class GroundTruth(_Message):
+    """Labels a simulator may attach for evaluation only; the inference path never reads them."""
+
+    category: str
+    is_anomalous: bool
+    defect: str = "good"
+    source: str | None = None
+
+
+class Frame(_Message):
+    schema_version: Literal[1] = FRAME_SCHEMA_VERSION
+    camera_id: str = Field(min_length=1, max_length=128)
+    frame_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
+    captured_at: AwareDatetime = Field(default_factory=utc_now)
+    content_type: Literal["image/jpeg", "image/png"]
+    image: bytes = Field(repr=False)
+    ground_truth: GroundTruth | None = None
+
+    def to_record(self) -> Record:
+        headers = [
+            ("schema", FRAME_SCHEMA.encode()),
+            ("schema_version", str(self.schema_version).encode()),
+            ("frame_id", self.frame_id.encode()),
+            ("captured_at", self.captured_at.isoformat().encode()),
+            ("content_type", self.content_type.encode()),
+        ]
+        if self.ground_truth is not None:
+            headers.append(("ground_truth", self.ground_truth.model_dump_json().encode()))
+        return Record(self.camera_id.encode(), self.image, headers)
+
+    @classmethod
+    def from_record(cls, record: Record) -> "Frame":
+        """Parse a frames-topic record; raises SchemaError with a human-readable reason."""
+        headers = _header_dict(record.headers)
+        if headers.get("schema") != FRAME_SCHEMA:
+            raise SchemaError(f"not a frame: schema header is {headers.get('schema')!r}")
+        if headers.get("schema_version") != str(FRAME_SCHEMA_VERSION):
+            raise SchemaError(
+                f"unsupported frame schema_version {headers.get('schema_version')!r}, "
+                f"this worker reads {FRAME_SCHEMA_VERSION}"
+            )
+        try:
+            truth = headers.get("ground_truth")
+            return cls(
+                camera_id=(record.key or b"").decode(),
+                frame_id=headers.get("frame_id", ""),
+                captured_at=headers.get("captured_at", ""),
+                content_type=headers.get("content_type", ""),
+                image=record.value or b"",
+                ground_truth=GroundTruth.model_validate_json(truth) if truth else None,
+            )
+        except (ValidationError, UnicodeDecodeError) as exc:
+            raise SchemaError(f"invalid frame: {_short(exc)}") from exc
+
+
+def frame_id_of(record: Record) -> str | None:
+    """Best-effort frame id of any record, for error reports about records that fail to parse."""
+    try:
+        return _header_dict(record.headers).get("frame_id")
+    except SchemaError:
+        return None
+
+
+def _header_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
+    try:
+        return {k: v.decode() for k, v in (headers or []) if v is not None}
+    except UnicodeDecodeError as exc:
+        raise SchemaError("frame headers are not UTF-8") from exc
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    text = str(exc).replace("\n", "; ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------- control
+ExpertName = Literal["patchcore"]
+"""Experts a category can be served by. Later issues add more; validation rejects unknown names."""
+
+
+class _Command(_Message):
+    schema_version: Literal[1] = 1
+    command_id: str = Field(default_factory=new_id)
+    issued_at: AwareDatetime = Field(default_factory=utc_now)
+    category: Category
+
+
+class AddCategory(_Command):
+    """Train one new task from a folder of normal (defect-free) images and publish it."""
+
+    action: Literal["add_category"] = "add_category"
+    train_dir: str = Field(description="Folder of normal images, readable by the control worker.")
+    expert: ExpertName | None = Field(default=None, description="None: the default expert.")
+    max_train_images: int | None = Field(default=None, ge=4)
+    false_alarm_rate: float = Field(default=0.01, gt=0, lt=0.5)
+    replace: bool = Field(default=False, description="Allow retraining a category that exists.")
+
+
+class RemoveCategory(_Command):
+    action: Literal["remove_category"] = "remove_category"
+
+
+class SetThreshold(_Command):
+    """Set a category's decision threshold: an explicit raw score, or a target false-alarm rate
+    re-derived from the held-out normal scores kept in its calibration."""
+
+    action: Literal["set_threshold"] = "set_threshold"
+    threshold: float | None = None
+    false_alarm_rate: float | None = Field(default=None, gt=0, lt=0.5)
+
+    def model_post_init(self, _context: object) -> None:
+        if (self.threshold is None) == (self.false_alarm_rate is None):
+            raise ValueError("give exactly one of threshold or false_alarm_rate")
+
+
+class ChooseExpert(_Command):
+    """Retrain a category with another expert from the normal images it was added with."""
+
+    action: Literal["choose_expert"] = "choose_expert"
+    expert: ExpertName
+
+
+ControlCommand = Annotated[
+    Union[AddCategory, RemoveCategory, SetThreshold, ChooseExpert], Field(discriminator="action")
+]
+CONTROL_ADAPTER: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
+
+
+def parse_control(value: bytes | None) -> ControlCommand:
+    """Parse a control-topic value; raises SchemaError with the reason."""
+    try:
+        return CONTROL_ADAPTER.validate_json(value or b"")
+    except (ValidationError, ValueError) as exc:
+        raise SchemaError(f"invalid control command: {_short(exc)}") from exc
+
+
+def control_to_json(command: ControlCommand) -> bytes:
+    return CONTROL_ADAPTER.dump_json(command)
+
+
+# ------------------------------------------------------------------------------------------- results
+class Box(_Message):
+    """An anomalous region in frame pixel coordinates (x1, y1 exclusive) with its peak raw score."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area: int
+    peak_score: float
+
+
+class StageLatency(_Message):
+    """Milliseconds per stage as this frame lived them: batched stages (features, task id, expert) are
+    the whole batch's wall time, since the frame waited for all of it."""
+
+    decode_ms: float
+    features_ms: float = Field(description="The shared backbone pass (resize + CNN) of the batch.")
+    task_id_ms: float
+    expert_ms: float
+    encode_ms: float
+    end_to_end_ms: float = Field(description="From the frame's captured_at to the result being built.")
+
+
+class Decision(str, Enum):
+    OK = "ok"
+    DEFECTIVE = "defective"
+    UNKNOWN = "unknown"
+
+
+class InspectionResult(_Message):
+    schema_version: Literal[1] = 1
+    frame_id: str
+    camera_id: str
+    captured_at: AwareDatetime
+    processed_at: AwareDatetime = Field(default_factory=utc_now)
+    worker_id: str
+    category: str | None = Field(description="Predicted task; None when the frame matches no known task.")
+    task_confidence: float = Field(description="Relative margin between the best and second-best task.")
+    task_distance: float
+    expert: str | None = None
+    score_raw: float | None = None
+    score: float | None = Field(
+        default=None, description="Calibrated score: 0 = median normal, 1 = the decision threshold."
+    )
+    threshold: float | None = Field(default=None, description="Decision threshold on score_raw.")
+    decision: Decision
+    anomaly_map_png: bytes | None = Field(
+        default=None, repr=False, description="8-bit PNG at the frame's resolution."
+    )
+    map_max_score: float | None = Field(
+        default=None, description="Raw pixel score that maps to 255 in anomaly_map_png (linear from 0)."
+    )
+    boxes: list[Box] = Field(default_factory=list)
+    latency: StageLatency
+    store_version: int
+    task_version: int | None = None
+    ground_truth: GroundTruth | None = Field(default=None, description="Echoed from the frame, if any.")
+
+    def to_record(self) -> Record:
+        return Record(self.frame_id.encode(), self.model_dump_json().encode(), [])
+
+
+# -------------------------------------------------------------------------------------------- events
+class EventKind(str, Enum):
+    STARTED = "started"
+    PROGRESS = "progress"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class TrainingEvent(_Message):
+    """What the control worker did with a command: started / progress / finished / failed."""
+
+    schema_version: Literal[1] = 1
+    event_id: str = Field(default_factory=new_id)
+    at: AwareDatetime = Field(default_factory=utc_now)
+    command_id: str | None
+    action: str | None
+    category: str | None
+    kind: EventKind
+    message: str
+    progress: float | None = Field(default=None, ge=0, le=1)
+    store_version: int | None = None
+    details: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+
+    def to_record(self) -> Record:
+        return Record((self.category or "").encode(), self.model_dump_json().encode(), [])
+
+
+# ------------------------------------------------------------------------------------------ dead letter
+class DeadLetterReason(str, Enum):
+    CORRUPT_IMAGE = "corrupt_image"
+    NOT_AN_IMAGE = "not_an_image"
+    WRONG_SCHEMA = "wrong_schema"
+    OVERSIZE = "oversize"
+    BAD_COMMAND = "bad_command"
+    PROCESSING_ERROR = "processing_error"
+
+
+class DeadLetter(_Message):
+    """A record the pipeline could not process, kept whole so it can be inspected and replayed."""
+
+    schema_version: Literal[1] = 1
+    at: AwareDatetime = Field(default_factory=utc_now)
+    worker_id: str
+    source_topic: str
+    partition: int
+    offset: int
+    reason: DeadLetterReason
+    detail: str
+    frame_id: str | None = None
+    key: bytes | None = Field(default=None, repr=False)
+    value: bytes | None = Field(default=None, repr=False)
+    headers: list[tuple[str, bytes]] = Field(default_factory=list, repr=False)
+
+    def to_record(self) -> Record:
+        return Record(self.key, self.model_dump_json().encode(), [("reason", self.reason.value.encode())])

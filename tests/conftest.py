@@ -1,0 +1,58 @@
+"""Shared fixtures: one real local stack per test session, on free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+
+import pytest
+import redis
+
+from schemas.config import StackConfig, TopicsConfig
+from workers.stack import LocalStack
+
+
+def find_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free right now (all held open together so none repeats)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+@pytest.fixture(scope="session")
+def free_ports() -> Callable[[int], list[int]]:
+    """`free_ports(n)`: n loopback ports nobody listens on right now."""
+    return find_free_ports
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A fresh Kafka + Redis (+ Prometheus if installed), never on the demo's default ports."""
+    kafka, controller, redis_port, prometheus = find_free_ports(4)
+    config = StackConfig(
+        kafka_port=kafka,
+        kafka_controller_port=controller,
+        redis_port=redis_port,
+        prometheus_port=prometheus,
+        state_dir=tmp_path_factory.mktemp("stack"),
+    )
+    local = LocalStack(config, TopicsConfig())
+    try:
+        local.up()
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture
+def redis_client(stack: LocalStack) -> Iterator[redis.Redis]:
+    """A client of the session's Redis, with database 0 emptied before the test."""
+    client = redis.Redis.from_url(stack.config.redis_url)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()

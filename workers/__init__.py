@@ -1,0 +1,1 @@
+"""Kafka-facing processes, the local stack and the CLI: no ML in here."""

@@ -1,0 +1,226 @@
+"""`inspection` command line: the local stack, the workers, the camera simulator, control, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from schemas.config import (
+    ControlConfig,
+    InferenceConfig,
+    ModelConfig,
+    StackConfig,
+    TopicsConfig,
+    TrainingConfig,
+)
+
+log = logging.getLogger("inspection")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if not args.quiet else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    return args.handler(args) or 0
+
+
+# ------------------------------------------------------------------------------------- parsing
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inspection", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="log warnings only")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    stack = commands.add_parser("stack", help="start/stop/describe the local Kafka + Redis (+ Prometheus)")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("--wipe", action="store_true", help="with down: delete the servers' data too")
+    _stack_options(stack)
+    stack.set_defaults(handler=_stack)
+
+    worker = commands.add_parser("worker", help="run an inference or control worker until SIGTERM")
+    worker.add_argument("kind", choices=["infer", "control"])
+    worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--metrics-port", type=int, default=0, help="0 = any free port")
+    worker.add_argument("--max-batch-size", type=int, default=InferenceConfig().max_batch_size)
+    worker.add_argument("--max-wait-ms", type=int, default=InferenceConfig().max_wait_ms)
+    worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    worker.add_argument("--device", default="cpu", help="torch device for the backbone, e.g. cuda")
+    _connection_options(worker)
+    worker.set_defaults(handler=_worker)
+
+    simulate = commands.add_parser("simulate", help="publish a dataset's test images as camera frames")
+    simulate.add_argument("--root", type=Path, required=True, help="folder of categories in the MVTec AD layout")
+    simulate.add_argument("--category", action="append", required=True)
+    simulate.add_argument("--rate", type=float, default=10.0, help="frames per second (0 = unthrottled)")
+    simulate.add_argument("--limit-per-category", type=int, default=None)
+    simulate.add_argument("--no-ground-truth", action="store_true", help="do not attach labels in headers")
+    simulate.add_argument("--seed", type=int, default=0)
+    _connection_options(simulate)
+    simulate.set_defaults(handler=_simulate)
+
+    control = commands.add_parser("control", help="send one operator command to the control topic")
+    control.add_argument("action", choices=["add", "remove", "threshold", "expert"])
+    control.add_argument("category")
+    control.add_argument("--train-dir", help="add: folder of normal images")
+    control.add_argument("--expert", help="add / expert: expert name")
+    control.add_argument("--threshold", type=float, help="threshold: raw score")
+    control.add_argument("--false-alarm-rate", type=float, help="threshold: target FAR on held-out normals")
+    control.add_argument("--replace", action="store_true", help="add: retrain an existing category")
+    _connection_options(control)
+    control.set_defaults(handler=_control)
+
+    demo = commands.add_parser("demo", help="the end-to-end demo on the local stack (README's first command)")
+    demo.add_argument("--dataset-root", type=Path, default=Path("../shared/datasets"))
+    demo.add_argument("--category", action="append", default=None, help="default: magnetic_tile, ball_screw")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--rate", type=float, default=8.0, help="frames per second the cameras publish")
+    demo.add_argument("--limit-per-category", type=int, default=None)
+    demo.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images)
+    demo.add_argument("--keep-running", action="store_true", help="leave the stack and workers up afterwards")
+    demo.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    _stack_options(demo)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _stack_options(parser: argparse.ArgumentParser) -> None:
+    defaults = StackConfig()
+    parser.add_argument("--state-dir", type=Path, default=defaults.state_dir)
+    parser.add_argument("--kafka-port", type=int, default=defaults.kafka_port)
+    parser.add_argument("--kafka-controller-port", type=int, default=defaults.kafka_controller_port)
+    parser.add_argument("--redis-port", type=int, default=defaults.redis_port)
+    parser.add_argument("--prometheus-port", type=int, default=defaults.prometheus_port)
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    defaults = StackConfig()
+    parser.add_argument("--bootstrap", default=os.environ.get("INSPECTION_BOOTSTRAP", defaults.bootstrap_servers))
+    parser.add_argument("--redis-url", default=os.environ.get("INSPECTION_REDIS_URL", defaults.redis_url))
+
+
+def stack_config(args: argparse.Namespace) -> StackConfig:
+    return StackConfig(
+        state_dir=args.state_dir,
+        kafka_port=args.kafka_port,
+        kafka_controller_port=args.kafka_controller_port,
+        redis_port=args.redis_port,
+        prometheus_port=args.prometheus_port,
+    )
+
+
+# ------------------------------------------------------------------------------------ handlers
+def _stack(args: argparse.Namespace) -> int:
+    from workers.stack import LocalStack
+
+    stack = LocalStack(stack_config(args), TopicsConfig())
+    if args.action == "up":
+        report = stack.up()
+    elif args.action == "down":
+        report = stack.down(wipe=args.wipe)
+    else:
+        report = stack.status()
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.backbone import Backbone
+    from pipeline.store import KnowledgeStore
+    from workers.metrics import ControlMetrics, InferenceMetrics, serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    worker_id = args.worker_id or f"{args.kind}-{os.getpid()}"
+    stop = _stop_on_signals()
+    registry = CollectorRegistry()
+    backbone = Backbone.pretrained(args.device)
+    store = KnowledgeStore.from_url(args.redis_url)
+    topics = TopicsConfig()
+    if args.kind == "infer":
+        from pipeline.inspector import Inspector
+        from workers.inference import InferenceWorker
+
+        config = InferenceConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                                 metrics_port=args.metrics_port)
+        worker = InferenceWorker(args.bootstrap, topics, config, Inspector(backbone, ModelConfig()), store,
+                                 InferenceMetrics(registry), worker_id)
+    else:
+        from workers.control import ControlWorker
+
+        worker = ControlWorker(args.bootstrap, topics, ControlConfig(metrics_port=args.metrics_port), ModelConfig(),
+                               TrainingConfig(), backbone, store, ControlMetrics(registry), worker_id)
+    port = serve(registry, "127.0.0.1", args.metrics_port)
+    log.info("%s ready; metrics on http://127.0.0.1:%d/metrics", worker_id, port)
+    worker.run(stop)
+    log.info("%s stopped", worker_id)
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT finish the current batch, then stop (offsets of finished work are committed)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from workers.simulator import dataset_stream, publish
+
+    items = dataset_stream(args.root, args.category, args.limit_per_category, args.seed)
+    sent = publish(args.bootstrap, TopicsConfig(), items, args.rate, with_ground_truth=not args.no_ground_truth)
+    print(json.dumps({"published": len(sent), "topic": TopicsConfig().frames}))
+    return 0
+
+
+def _control(args: argparse.Namespace) -> int:
+    from schemas.messages import AddCategory, ChooseExpert, RemoveCategory, SetThreshold
+    from workers.client import send_commands
+
+    if args.action == "add":
+        if not args.train_dir:
+            raise SystemExit("control add needs --train-dir")
+        command = AddCategory(category=args.category, train_dir=str(Path(args.train_dir).resolve()),
+                              expert=args.expert, replace=args.replace)
+    elif args.action == "remove":
+        command = RemoveCategory(category=args.category)
+    elif args.action == "threshold":
+        command = SetThreshold(category=args.category, threshold=args.threshold, false_alarm_rate=args.false_alarm_rate)
+    else:
+        command = ChooseExpert(category=args.category, expert=args.expert)
+    send_commands(args.bootstrap, TopicsConfig(), [command])
+    print(json.dumps({"sent": command.action, "command_id": command.command_id}))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from workers.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        stack=stack_config(args),
+        dataset_root=args.dataset_root,
+        categories=args.category,
+        workers=args.workers,
+        rate_fps=args.rate,
+        limit_per_category=args.limit_per_category,
+        max_train_images=args.max_train_images,
+        keep_running=args.keep_running,
+        report_path=args.report,
+    )
+    return run_demo(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Operator-side helpers: send control commands, wait for their outcome, collect results by frame id."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from schemas.config import TopicsConfig
+from schemas.messages import (
+    CONTROL_ADAPTER,
+    ControlCommand,
+    DeadLetter,
+    EventKind,
+    InspectionResult,
+    TrainingEvent,
+    control_to_json,
+)
+from workers.kafka_io import make_producer, read_topic
+
+_FINAL = {EventKind.FINISHED, EventKind.FAILED}
+
+
+def send_commands(bootstrap: str, topics: TopicsConfig, commands: Iterable[ControlCommand]) -> list[str]:
+    """Publish commands in order (one partition: handled in order); returns their command ids."""
+    producer = make_producer(bootstrap, topics, client_id="inspection-operator")
+    try:
+        ids = []
+        for command in commands:
+            CONTROL_ADAPTER.validate_python(command)
+            producer.send(topics.control, key=command.category.encode(), value=control_to_json(command)).get(timeout=30)
+            ids.append(command.command_id)
+        return ids
+    finally:
+        producer.close()
+
+
+def read_events(bootstrap: str, topics: TopicsConfig, timeout_s: float, until=None) -> list[TrainingEvent]:
+    def parsed(records) -> list[TrainingEvent]:
+        return [TrainingEvent.model_validate_json(r.value) for r in records]
+
+    stop = (lambda records: until(parsed(records))) if until else None
+    return parsed(read_topic(bootstrap, topics.events, topics, timeout_s, stop))
+
+
+def wait_for_outcomes(bootstrap: str, topics: TopicsConfig, command_ids: list[str], timeout_s: float) -> dict[str, TrainingEvent]:
+    """The final event (finished or failed) of each command; raises TimeoutError if one never comes."""
+    wanted = set(command_ids)
+
+    def final(events: list[TrainingEvent]) -> dict[str, TrainingEvent]:
+        return {e.command_id: e for e in events if e.command_id in wanted and e.kind in _FINAL}
+
+    outcomes = final(read_events(bootstrap, topics, timeout_s, until=lambda events: len(final(events)) == len(wanted)))
+    missing = wanted - set(outcomes)
+    if missing:
+        raise TimeoutError(f"no outcome after {timeout_s:.0f}s for commands {sorted(missing)}")
+    return outcomes
+
+
+def collect_results(
+    bootstrap: str, topics: TopicsConfig, frame_ids: Iterable[str], timeout_s: float
+) -> tuple[dict[str, InspectionResult], int]:
+    """First result per frame id (duplicates from redelivery are counted, not double-counted)."""
+    wanted = set(frame_ids)
+
+    def seen(records) -> set[bytes]:
+        return {r.key for r in records}
+
+    keys = {f.encode() for f in wanted}
+    records = read_topic(bootstrap, topics.results, topics, timeout_s, until=lambda rs: keys <= seen(rs))
+    results: dict[str, InspectionResult] = {}
+    duplicates = 0
+    for record in records:
+        frame_id = record.key.decode()
+        if frame_id not in wanted:
+            continue
+        if frame_id in results:
+            duplicates += 1
+            continue
+        results[frame_id] = InspectionResult.model_validate_json(record.value)
+    return results, duplicates
+
+
+def read_dead_letters(bootstrap: str, topics: TopicsConfig, timeout_s: float, until=None) -> list[DeadLetter]:
+    def parsed(records) -> list[DeadLetter]:
+        return [DeadLetter.model_validate_json(r.value) for r in records]
+
+    stop = (lambda records: until(parsed(records))) if until else None
+    return parsed(read_topic(bootstrap, topics.dead_letter, topics, timeout_s, stop))

@@ -1,0 +1,165 @@
+"""Thin helpers over kafka-python: topic setup, configured clients, Record conversion. No ML here.
+
+Every client is sized for `TopicsConfig.max_message_bytes` so a full-size camera frame passes from
+producer to broker to consumer without any of them refusing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
+
+from schemas.config import TopicsConfig
+from schemas.messages import Record
+
+log = logging.getLogger(__name__)
+
+# kafka-python refuses any single response larger than this; it must hold one full fetch.
+_DEFAULT_RECEIVE_MAX_BYTES = 100_000_000
+_DEFAULT_FETCH_MAX_BYTES = 52_428_800
+
+
+def topic_specs(topics: TopicsConfig) -> dict[str, dict[str, Any]]:
+    """Partition count and configs of every pipeline topic (replication 1: one local broker)."""
+    partitions = {topics.frames: topics.frame_partitions, topics.results: topics.result_partitions}
+    configs = {"max.message.bytes": str(topics.max_message_bytes)}
+    return {
+        name: {"num_partitions": partitions.get(name, 1), "replication_factor": 1, "configs": configs}
+        for name in topics.all_names()
+    }
+
+
+def ensure_topics(bootstrap: str, topics: TopicsConfig, timeout_s: float = 30.0) -> None:
+    """Create the missing pipeline topics and wait until every partition has a leader. Idempotent."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="inspection-admin")
+    try:
+        specs = topic_specs(topics)
+        existing = set(admin.list_topics())
+        for name, spec in specs.items():
+            if name in existing:
+                continue
+            try:
+                admin.create_topics({name: spec}, timeout_ms=int(timeout_s * 1000))
+            except TopicAlreadyExistsError:
+                pass  # another process created it between our list and our create: fine
+        admin.wait_for_topics(list(specs), timeout_ms=int(timeout_s * 1000))
+        _warn_on_partition_mismatch(admin, specs)
+    finally:
+        admin.close()
+
+
+def _warn_on_partition_mismatch(admin: KafkaAdminClient, specs: dict[str, dict[str, Any]]) -> None:
+    """Topics made by an earlier configuration keep their partition count; say so instead of hiding it."""
+    for topic in admin.describe_topics(list(specs)):
+        wanted, found = specs[topic["name"]]["num_partitions"], len(topic["partitions"])
+        if found != wanted:
+            log.warning("topic %s has %d partitions, configuration asks for %d (kept as is)",
+                        topic["name"], found, wanted)
+
+
+def make_producer(bootstrap: str, topics: TopicsConfig, client_id: str, **overrides: Any) -> KafkaProducer:
+    """A bytes-in producer that waits for the broker to persist each record (acks=all).
+
+    Idempotence (kafka-python's default, supported by the 4.x broker) keeps retries from writing
+    duplicates; it requires acks=all, retries > 0 and at most 5 requests in flight.
+    """
+    config: dict[str, Any] = dict(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        retries=10,
+        max_in_flight_requests_per_connection=5,
+        max_request_size=topics.max_message_bytes,
+        linger_ms=5,
+    )
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def make_consumer(
+    bootstrap: str,
+    group_id: str | None,
+    topic_names: Sequence[str],
+    topics: TopicsConfig,
+    client_id: str,
+    **overrides: Any,
+) -> KafkaConsumer:
+    """A bytes-out consumer subscribed to `topic_names`; the caller commits offsets itself."""
+    fetch_max = max(_DEFAULT_FETCH_MAX_BYTES, topics.max_message_bytes)
+    config: dict[str, Any] = dict(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=topics.max_message_bytes,
+        fetch_max_bytes=fetch_max,
+        receive_message_max_bytes=max(_DEFAULT_RECEIVE_MAX_BYTES, fetch_max + 1024 * 1024),
+        # Topics are created explicitly with their partition counts (ensure_topics), never implicitly.
+        allow_auto_create_topics=False,
+    )
+    config.update(overrides)
+    consumer = KafkaConsumer(**config)
+    if topic_names:
+        consumer.subscribe(list(topic_names))
+    return consumer
+
+
+def send_record(
+    producer: KafkaProducer, topic: str, record: Record, partition: int | None = None
+) -> FutureRecordMetadata:
+    """Send one Record; returns kafka-python's future (call .get(timeout) to wait for the ack)."""
+    headers = [(str(name), bytes(value)) for name, value in (record.headers or [])]
+    return producer.send(topic, key=record.key, value=record.value, headers=headers, partition=partition)
+
+
+def record_of(consumer_record: ConsumerRecord) -> Record:
+    """Our client-free Record of a kafka-python ConsumerRecord (headers may be None)."""
+    headers = [(name, value) for name, value in (consumer_record.headers or [])]
+    return Record(consumer_record.key, consumer_record.value, headers)
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    topics_cfg: TopicsConfig,
+    timeout_s: float,
+    until: Callable[[list[ConsumerRecord]], bool] | None = None,
+) -> list[ConsumerRecord]:
+    """Everything on `topic` from the beginning, without a consumer group (commits nothing).
+
+    Stops when `until(records)` is True or after `timeout_s`. For tests, the demo and inspection.
+    """
+    deadline = time.monotonic() + timeout_s
+    consumer = make_consumer(bootstrap, None, [], topics_cfg, client_id="inspection-reader")
+    try:
+        partitions = _wait_for_partitions(consumer, topic, deadline)
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        records: list[ConsumerRecord] = []
+        while time.monotonic() < deadline and not (until is not None and until(records)):
+            remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            for batch in consumer.poll(timeout_ms=min(200, remaining_ms)).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def _wait_for_partitions(consumer: KafkaConsumer, topic: str, deadline: float) -> list[TopicPartition]:
+    """The topic's partitions once the consumer's metadata knows them."""
+    while True:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return [TopicPartition(topic, p) for p in sorted(partitions)]
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"topic {topic!r} not found on {consumer.config['bootstrap_servers']}")
+        time.sleep(0.1)
