@@ -74,7 +74,7 @@ def train_images(root: Path, category: str) -> list[Path]:
     return list_images(Path(root) / category / "train" / "good")
 
 
-def test_images(root: Path, category: str) -> list[LabeledImage]:
+def labeled_test_images(root: Path, category: str) -> list[LabeledImage]:
     """All test images of a category: test/good normal, every other test/<defect> anomalous."""
     base = Path(root) / category
     test_dir = base / "test"

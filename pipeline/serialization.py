@@ -17,10 +17,10 @@ MAGIC = b"INSPK1\n"
 def pack(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
     specs, chunks, offset = {}, [], 0
     for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
+        array = np.asarray(arrays[name])  # not ascontiguousarray: it turns 0-d arrays into 1-d
         if array.dtype.kind not in "fiub":
             raise TypeError(f"array {name!r} has unsupported dtype {array.dtype}")
-        raw = array.tobytes()
+        raw = array.tobytes(order="C")
         specs[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset, "nbytes": len(raw)}
         chunks.append(raw)
         offset += len(raw)
@@ -32,6 +32,8 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     if not data.startswith(MAGIC):
         raise ValueError("not a packed state (bad magic)")
     start = len(MAGIC)
+    if len(data) < start + 4:
+        raise ValueError("packed state truncated in its header")
     (header_len,) = struct.unpack_from("<I", data, start)
     header = json.loads(data[start + 4 : start + 4 + header_len])
     body = memoryview(data)[start + 4 + header_len :]

@@ -13,7 +13,7 @@ from pipeline.datasets import (
     discover_categories,
     list_images,
     read_mask,
-    test_images as load_test_images,  # aliased: pytest would collect a name starting with test_
+    labeled_test_images as load_test_images,  # aliased: pytest would collect a name starting with test_
     train_images,
     write_synthetic_category,
 )

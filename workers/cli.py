@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if not args.quiet else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python warns about its own event-loop timing under CPU load; real errors still show.
+    logging.getLogger("kafka").setLevel(logging.ERROR)
     return args.handler(args) or 0
 
 
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-port", type=int, default=0, help="0 = any free port")
     worker.add_argument("--max-batch-size", type=int, default=InferenceConfig().max_batch_size)
     worker.add_argument("--max-wait-ms", type=int, default=InferenceConfig().max_wait_ms)
+    worker.add_argument("--max-frame-bytes", type=int, default=InferenceConfig().max_frame_bytes)
+    worker.add_argument("--max-frame-pixels", type=int, default=InferenceConfig().max_frame_pixels)
     worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     worker.add_argument("--device", default="cpu", help="torch device for the backbone, e.g. cuda")
     _connection_options(worker)
@@ -153,6 +156,7 @@ def _worker(args: argparse.Namespace) -> int:
         from workers.inference import InferenceWorker
 
         config = InferenceConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                                 max_frame_bytes=args.max_frame_bytes, max_frame_pixels=args.max_frame_pixels,
                                  metrics_port=args.metrics_port)
         worker = InferenceWorker(args.bootstrap, topics, config, Inspector(backbone, ModelConfig()), store,
                                  InferenceMetrics(registry), worker_id)

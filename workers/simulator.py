@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import LabeledImage, test_images
+from pipeline.datasets import LabeledImage, labeled_test_images
 from pipeline.imaging import decode_image, encode_png
 from schemas.config import TopicsConfig
 from schemas.messages import Frame, GroundTruth
@@ -45,7 +45,7 @@ def dataset_stream(root: Path, categories: Iterable[str], limit_per_category: in
     """Test images of the categories, interleaved in a seeded random order (a mixed production line)."""
     items = []
     for category in categories:
-        images = test_images(root, category)
+        images = labeled_test_images(root, category)
         if limit_per_category is not None:
             picks = np.random.default_rng(seed).permutation(len(images))[:limit_per_category]
             images = [images[i] for i in sorted(picks)]

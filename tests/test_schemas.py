@@ -1,0 +1,281 @@
+"""Wire contracts: frames in Kafka records, control commands, results and dead letters as JSON."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.messages import (
+    FRAME_SCHEMA,
+    AddCategory,
+    Box,
+    ChooseExpert,
+    DeadLetter,
+    DeadLetterReason,
+    Decision,
+    Frame,
+    GroundTruth,
+    InspectionResult,
+    Record,
+    RemoveCategory,
+    SchemaError,
+    SetThreshold,
+    StageLatency,
+    control_to_json,
+    frame_id_of,
+    parse_control,
+)
+
+# Not valid UTF-8 anywhere, and containing NUL and high bytes: JSON must carry it as base64.
+RAW = bytes(range(256)) + b"\xff\xfe\x00\x80"
+
+
+def _frame(**overrides) -> Frame:
+    fields = dict(
+        camera_id="cam-7",
+        frame_id="f-0001",
+        captured_at=datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone(timedelta(hours=2))),
+        content_type="image/png",
+        image=b"\x89PNG\r\n\x1a\n" + RAW,
+        ground_truth=GroundTruth(category="brick", is_anomalous=True, defect="scratch", source="sim"),
+    )
+    fields.update(overrides)
+    return Frame(**fields)
+
+
+def _replace_header(record: Record, name: str, value: bytes | None) -> Record:
+    """The record with header `name` set to `value` (removed when value is None)."""
+    headers = [(k, v) for k, v in record.headers if k != name]
+    if value is not None:
+        headers.append((name, value))
+    return record._replace(headers=headers)
+
+
+# ------------------------------------------------------------------------------------------ frames
+@pytest.mark.parametrize("with_truth", [True, False])
+@pytest.mark.parametrize("content_type", ["image/png", "image/jpeg"])
+def test_frame_record_round_trip(with_truth: bool, content_type: str) -> None:
+    frame = _frame(content_type=content_type, ground_truth=_frame().ground_truth if with_truth else None)
+    record = frame.to_record()
+
+    assert record.key == b"cam-7"
+    assert record.value is frame.image or record.value == frame.image  # image bytes untouched, no base64
+    headers = dict(record.headers)
+    assert headers["schema"] == FRAME_SCHEMA.encode()
+    assert ("ground_truth" in headers) is with_truth
+
+    back = Frame.from_record(record)
+    assert back == frame
+    assert back.captured_at == frame.captured_at and back.captured_at.utcoffset() == timedelta(hours=2)
+    assert back.image == frame.image
+    assert back.ground_truth == frame.ground_truth
+    assert frame_id_of(record) == "f-0001"
+
+
+def test_frame_defaults_make_a_valid_record() -> None:
+    frame = Frame(camera_id="c", content_type="image/jpeg", image=b"\xff\xd8\xff")
+    assert frame.captured_at.tzinfo is not None and len(frame.frame_id) > 0
+    assert Frame.from_record(frame.to_record()) == frame
+
+
+@pytest.mark.parametrize(
+    "name, value, match",
+    [
+        ("schema", b"inspection.result", "not a frame"),
+        ("schema", None, "not a frame"),
+        ("schema_version", b"2", "schema_version"),
+        ("schema_version", b"", "schema_version"),
+        ("schema_version", None, "schema_version"),
+        ("frame_id", None, "invalid frame"),
+        ("captured_at", None, "invalid frame"),
+        ("captured_at", b"yesterday", "invalid frame"),
+        ("captured_at", b"2024-05-06T07:08:09", "invalid frame"),  # naive: no timezone
+        ("content_type", None, "invalid frame"),
+        ("content_type", b"image/gif", "invalid frame"),
+        ("ground_truth", b"{not json", "invalid frame"),
+        ("ground_truth", b'{"category": "x"}', "invalid frame"),
+    ],
+)
+def test_frame_bad_headers_raise_schema_error(name: str, value: bytes | None, match: str) -> None:
+    record = _replace_header(_frame().to_record(), name, value)
+    with pytest.raises(SchemaError, match=match):
+        Frame.from_record(record)
+
+
+def test_frame_without_any_header_or_key() -> None:
+    good = _frame().to_record()
+    for record in (good._replace(headers=[]), good._replace(headers=None), Record(None, b"x", [])):
+        with pytest.raises(SchemaError, match="not a frame"):
+            Frame.from_record(record)
+    with pytest.raises(SchemaError, match="invalid frame"):  # empty camera id (no key)
+        Frame.from_record(good._replace(key=None))
+
+
+@pytest.mark.parametrize("name", ["schema", "frame_id", "content_type"])
+def test_non_utf8_header_raises_schema_error(name: str) -> None:
+    record = _replace_header(_frame().to_record(), name, b"\xff\xfe\xfa")
+    with pytest.raises(SchemaError, match="UTF-8"):
+        Frame.from_record(record)
+    if name != "frame_id":
+        assert frame_id_of(record) is None  # best effort: any bad header makes the id unknown
+
+
+def test_non_utf8_key_raises_schema_error() -> None:
+    with pytest.raises(SchemaError):
+        Frame.from_record(_frame().to_record()._replace(key=b"\xff\xfe"))
+
+
+def test_frame_fields_are_validated() -> None:
+    with pytest.raises(ValidationError):
+        _frame(captured_at=datetime(2024, 1, 1))  # naive datetime
+    with pytest.raises(ValidationError):
+        _frame(camera_id="")
+    with pytest.raises(ValidationError):
+        _frame(unexpected="field")
+
+
+# ----------------------------------------------------------------------------------------- control
+@pytest.mark.parametrize(
+    "document, kind",
+    [
+        (b'{"action": "add_category", "category": "brick", "train_dir": "/data/brick"}', AddCategory),
+        (b'{"action": "remove_category", "category": "brick"}', RemoveCategory),
+        (b'{"action": "set_threshold", "category": "brick", "threshold": 3.5}', SetThreshold),
+        (b'{"action": "set_threshold", "category": "brick", "false_alarm_rate": 0.02}', SetThreshold),
+        (b'{"action": "choose_expert", "category": "brick", "expert": "patchcore"}', ChooseExpert),
+    ],
+)
+def test_control_commands_parse_by_action(document: bytes, kind: type) -> None:
+    command = parse_control(document)
+    assert type(command) is kind
+    assert command.category == "brick"
+    assert parse_control(control_to_json(command)) == command
+
+
+def test_add_category_defaults() -> None:
+    command = parse_control(b'{"action": "add_category", "category": "brick", "train_dir": "/d"}')
+    assert isinstance(command, AddCategory)
+    assert command.expert is None and command.replace is False and command.false_alarm_rate == 0.01
+    assert command.issued_at.tzinfo is not None and command.command_id
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"category": "brick"}',  # no action
+        b'{"action": "explode", "category": "brick"}',
+        b'{"action": "remove_category"}',  # no category
+        b'{"action": "remove_category", "category": "brick", "extra": 1}',
+        b'{"action": "add_category", "category": "brick"}',  # no train_dir
+        b'{"action": "add_category", "category": "brick", "train_dir": "/d", "max_train_images": 3}',
+        b'{"action": "add_category", "category": "brick", "train_dir": "/d", "false_alarm_rate": 0.5}',
+        b'{"action": "add_category", "category": "brick", "train_dir": "/d", "expert": "magic"}',
+        b'{"action": "choose_expert", "category": "brick", "expert": "magic"}',
+        b'{"action": "set_threshold", "category": "brick"}',  # neither
+        b'{"action": "set_threshold", "category": "brick", "threshold": 1.0, "false_alarm_rate": 0.1}',
+        b'{"action": "set_threshold", "category": "brick", "false_alarm_rate": 0}',
+    ],
+)
+def test_bad_control_commands_raise_schema_error(document: bytes) -> None:
+    with pytest.raises(SchemaError, match="invalid control command"):
+        parse_control(document)
+
+
+def test_set_threshold_needs_exactly_one() -> None:
+    assert SetThreshold(category="a", threshold=0.0).threshold == 0.0  # zero is a value, not "missing"
+    assert SetThreshold(category="a", false_alarm_rate=0.1).false_alarm_rate == 0.1
+    with pytest.raises(ValueError, match="exactly one"):
+        SetThreshold(category="a")
+    with pytest.raises(ValueError, match="exactly one"):
+        SetThreshold(category="a", threshold=1.0, false_alarm_rate=0.1)
+
+
+@pytest.mark.parametrize(
+    "name", ["", "Brick", "bad name", "-lead", "_lead", "a/b", "a.b", "ümlaut", "a" * 65, "brick\n"]
+)
+def test_bad_category_names_rejected(name: str) -> None:
+    with pytest.raises(ValidationError):
+        RemoveCategory(category=name)
+    with pytest.raises(SchemaError):
+        parse_control(RemoveCategory(category="ok").model_dump_json().replace('"ok"', f'"{name}"').encode())
+
+
+@pytest.mark.parametrize("name", ["a", "brick", "0-metal_nut", "a" * 64])
+def test_good_category_names_accepted(name: str) -> None:
+    assert RemoveCategory(category=name).category == name
+
+
+# ------------------------------------------------------------------------------ results, dead letters
+def _result(**overrides) -> InspectionResult:
+    fields = dict(
+        frame_id="f-1",
+        camera_id="cam",
+        captured_at=datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        worker_id="w-1",
+        category="brick",
+        task_confidence=0.75,
+        task_distance=12.5,
+        expert="patchcore",
+        score_raw=3.25,
+        score=1.5,
+        threshold=2.0,
+        decision=Decision.DEFECTIVE,
+        anomaly_map_png=b"\x89PNG\r\n\x1a\n" + RAW,
+        map_max_score=4.0,
+        boxes=[Box(x0=1, y0=2, x1=30, y1=40, area=500, peak_score=3.5)],
+        latency=StageLatency(decode_ms=1, features_ms=2, task_id_ms=0.5, expert_ms=3, encode_ms=1, end_to_end_ms=9),
+        store_version=7,
+        task_version=3,
+        ground_truth=GroundTruth(category="brick", is_anomalous=True),
+    )
+    fields.update(overrides)
+    return InspectionResult(**fields)
+
+
+def test_inspection_result_json_round_trip_keeps_bytes() -> None:
+    result = _result()
+    record = result.to_record()
+    assert record.key == b"f-1"
+    record.value.decode("utf-8")  # pure JSON text: the PNG travels as base64
+    back = InspectionResult.model_validate_json(record.value)
+    assert back == result
+    assert back.anomaly_map_png == result.anomaly_map_png
+    assert back.decision is Decision.DEFECTIVE and back.boxes[0].area == 500
+
+
+def test_unknown_result_round_trip() -> None:
+    result = _result(category=None, expert=None, score_raw=None, score=None, threshold=None,
+                     decision=Decision.UNKNOWN, anomaly_map_png=None, map_max_score=None, boxes=[])
+    assert InspectionResult.model_validate_json(result.model_dump_json()) == result
+
+
+def test_dead_letter_json_round_trip_keeps_raw_record() -> None:
+    letter = DeadLetter(
+        worker_id="w",
+        source_topic="inspection.frames",
+        partition=3,
+        offset=123456789,
+        reason=DeadLetterReason.CORRUPT_IMAGE,
+        detail="PNG: broken data stream",
+        frame_id=None,
+        key=b"\xff\x00cam",
+        value=RAW,
+        headers=[("schema", b"inspection.frame"), ("odd", b"\xff\xfe\x00")],
+    )
+    record = letter.to_record()
+    assert record.key == letter.key
+    assert dict(record.headers) == {"reason": b"corrupt_image"}
+    back = DeadLetter.model_validate_json(record.value)
+    assert back == letter
+    assert back.value == RAW and back.key == b"\xff\x00cam"
+    assert [tuple(h) for h in back.headers] == letter.headers
+
+
+def test_dead_letter_rejects_unknown_reason() -> None:
+    with pytest.raises(ValidationError):
+        DeadLetter(worker_id="w", source_topic="t", partition=0, offset=0, reason="bored", detail="")

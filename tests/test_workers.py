@@ -1,0 +1,276 @@
+"""The pipeline end to end on the real local stack: worker processes, Kafka topics, the Redis store.
+
+One production line per module: a control worker and an inference worker (real subprocesses), a task
+`brick` added through the control topic, frames published like a camera would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from pipeline.datasets import labeled_test_images, write_synthetic_category
+from pipeline.imaging import encode_png
+from pipeline.store import KnowledgeStore
+from schemas.config import TopicsConfig
+from schemas.messages import (
+    AddCategory,
+    DeadLetterReason,
+    Decision,
+    EventKind,
+    Frame,
+    InspectionResult,
+    Record,
+    RemoveCategory,
+    SetThreshold,
+)
+from workers.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes
+from workers.kafka_io import make_producer, send_record
+from workers.processes import WorkerProcess, spawn_worker, wait_for_store_version, wait_until
+from workers.simulator import frame_of
+from workers.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+MAX_FRAME_BYTES = 1_000_000  # the inference worker's own limit, below the topic's, to test oversize frames
+
+
+@dataclass
+class Line:
+    stack: LocalStack
+    topics: TopicsConfig
+    data: Path
+    redis_url: str
+    log_dir: Path
+    control: WorkerProcess
+    inference: list[WorkerProcess]
+
+    @property
+    def bootstrap(self) -> str:
+        return self.stack.config.bootstrap_servers
+
+    @property
+    def store(self) -> KnowledgeStore:
+        return KnowledgeStore.from_url(self.redis_url)
+
+    def spawn_inference(self, name: str) -> WorkerProcess:
+        worker = spawn_worker("infer", name, self.bootstrap, self.redis_url, self.log_dir, threads=1,
+                              extra_args=("--max-frame-bytes", str(MAX_FRAME_BYTES), "--max-wait-ms", "20"))
+        self.stack.register_metrics_target(name, f"127.0.0.1:{worker.metrics_port}")
+        self.inference.append(worker)
+        return worker
+
+    def command(self, *commands, timeout_s: float = 300):
+        ids = send_commands(self.bootstrap, self.topics, commands)
+        outcomes = wait_for_outcomes(self.bootstrap, self.topics, ids, timeout_s)
+        return [outcomes[i] for i in ids]
+
+    def inspect(self, frames: list[Frame], timeout_s: float = 120) -> dict[str, InspectionResult]:
+        producer = make_producer(self.bootstrap, self.topics, client_id="test-camera")
+        for frame in frames:
+            send_record(producer, self.topics.frames, frame.to_record())
+        producer.flush()
+        producer.close()
+        results, _ = collect_results(self.bootstrap, self.topics, [f.frame_id for f in frames], timeout_s)
+        assert len(results) == len(frames), f"missing results; worker log:\n{self.inference[-1].log_tail()}"
+        return results
+
+
+def camera_frames(data: Path, category: str, camera: str = "cam-test") -> list[Frame]:
+    return [frame_of(item, camera, with_ground_truth=True) for item in labeled_test_images(data, category)]
+
+
+def task_blob_hashes(redis_url: str, category: str) -> dict[str, str]:
+    """sha256 of the raw Redis values of one task's blobs, read directly (not through the store)."""
+    client = redis.Redis.from_url(redis_url)
+    entry = KnowledgeStore(client).manifest().tasks[category]
+    return {kind: hashlib.sha256(client.get(f"kpk:blob:{digest}")).hexdigest() for kind, digest in entry.blobs.items()}
+
+
+@pytest.fixture(scope="module")
+def line(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
+    data = tmp_path_factory.mktemp("line-data")
+    for texture in ("brick", "grass", "gravel"):
+        write_synthetic_category(data, texture, texture, n_train=24, n_test_good=6, n_test_defect=6, size=192)
+    # Database 1: the store tests flush database 0.
+    redis_url = stack.config.redis_url.rsplit("/", 1)[0] + "/1"
+    redis.Redis.from_url(redis_url).flushdb()
+    log_dir = stack.state_dir / "worker-logs"
+    control = spawn_worker("control", "control-test", stack.config.bootstrap_servers, redis_url, log_dir, threads=1)
+    line = Line(stack, TopicsConfig(), data, redis_url, log_dir, control, [])
+    line.spawn_inference("infer-a")
+    try:
+        [event] = line.command(AddCategory(category="brick", train_dir=str(data / "brick" / "train" / "good")))
+        assert event.kind == EventKind.FINISHED, event.message
+        wait_for_store_version(line.inference, event.store_version)
+        yield line
+    finally:
+        for worker in [control, *line.inference]:
+            worker.stop()
+            stack.unregister_metrics_target(worker.name)
+
+
+def test_every_frame_gets_a_full_result(line: Line):
+    frames = camera_frames(line.data, "brick")
+    results = line.inspect(frames)
+    for frame in frames:
+        result = results[frame.frame_id]
+        assert result.category == "brick" and result.expert == "patchcore"
+        assert result.camera_id == frame.camera_id and result.store_version >= 1
+        assert result.decision in (Decision.OK, Decision.DEFECTIVE)
+        assert result.threshold > 0 and result.score_raw is not None
+        anomaly_map = Image.open(io.BytesIO(result.anomaly_map_png))
+        width, height = Image.open(io.BytesIO(frame.image)).size
+        assert anomaly_map.mode == "L" and anomaly_map.size == (width, height)
+        assert all(0 <= b.x0 < b.x1 <= width and 0 <= b.y0 < b.y1 <= height for b in result.boxes)
+        assert result.latency.end_to_end_ms > 0 and result.latency.features_ms > 0
+    normal = [results[f.frame_id].score_raw for f in frames if not f.ground_truth.is_anomalous]
+    defective = [results[f.frame_id].score_raw for f in frames if f.ground_truth.is_anomalous]
+    assert np.mean(defective) > np.mean(normal)
+
+
+def test_adding_a_category_leaves_the_old_one_byte_identical(line: Line):
+    brick_frames = camera_frames(line.data, "brick")
+    before_scores = {f.ground_truth.source: r.score_raw for f, r in _inspected(line, brick_frames)}
+    before_hashes = task_blob_hashes(line.redis_url, "brick")
+    before_entry = line.store.manifest().tasks["brick"]
+
+    [event] = line.command(AddCategory(category="grass", train_dir=str(line.data / "grass" / "train" / "good")))
+    assert event.kind == EventKind.FINISHED, event.message
+    wait_for_store_version(line.inference, event.store_version)  # picked up live, no restart
+
+    assert task_blob_hashes(line.redis_url, "brick") == before_hashes
+    assert line.store.manifest().tasks["brick"] == before_entry
+    after = _inspected(line, camera_frames(line.data, "brick", camera="cam-again"))
+    for frame, result in after:
+        assert result.category == "brick"
+        assert result.score_raw == pytest.approx(before_scores[frame.ground_truth.source], rel=1e-5)
+    grass = _inspected(line, camera_frames(line.data, "grass"))
+    assert all(r.category == "grass" and r.store_version >= event.store_version for _, r in grass)
+
+
+def test_frames_of_no_known_product_are_reported_unknown(line: Line):
+    results = _inspected(line, camera_frames(line.data, "gravel"))
+    unknown = [r for _, r in results if r.decision == Decision.UNKNOWN]
+    assert len(unknown) >= 0.9 * len(results)
+    assert all(r.category is None and r.anomaly_map_png is None for r in unknown)
+
+
+def test_bad_frames_are_dead_lettered_and_the_stream_goes_on(line: Line):
+    good = camera_frames(line.data, "brick")[0]
+    jpeg = _jpeg_bytes(line.data)
+    bad = {
+        "truncated": (Frame(camera_id="cam-bad", content_type="image/jpeg", image=jpeg[: len(jpeg) // 2]), DeadLetterReason.CORRUPT_IMAGE),
+        "not-image": (Frame(camera_id="cam-bad", content_type="image/png", image=b"GIF89a not what it claims"), DeadLetterReason.NOT_AN_IMAGE),
+        "oversize": (Frame(camera_id="cam-bad", content_type="image/png",
+                           image=encode_png(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8))),
+                     DeadLetterReason.OVERSIZE),
+    }
+    assert len(bad["oversize"][0].image) > MAX_FRAME_BYTES
+    wrong_version = Record(b"cam-bad", jpeg, [("schema", b"inspection.frame"), ("schema_version", b"99"), ("frame_id", b"v99-frame")])
+    no_headers = Record(b"cam-bad", jpeg, [("frame_id", b"headerless-frame")])
+
+    producer = make_producer(line.bootstrap, line.topics, client_id="test-bad-camera")
+    for frame, _ in bad.values():
+        send_record(producer, line.topics.frames, frame.to_record())
+    send_record(producer, line.topics.frames, wrong_version)
+    send_record(producer, line.topics.frames, no_headers)
+    producer.flush()
+    producer.close()
+    results = line.inspect([good])  # sent after the bad ones on the same partition: the worker got past them
+    assert results[good.frame_id].category == "brick"
+
+    expected = {frame.frame_id: reason for frame, reason in bad.values()}
+    expected.update({"v99-frame": DeadLetterReason.WRONG_SCHEMA, "headerless-frame": DeadLetterReason.WRONG_SCHEMA})
+    letters = read_dead_letters(line.bootstrap, line.topics, 30, until=lambda ls: set(expected) <= {l.frame_id for l in ls})
+    by_frame = {letter.frame_id: letter for letter in letters}
+    for frame_id, reason in expected.items():
+        assert by_frame[frame_id].reason == reason, by_frame[frame_id].detail
+    assert by_frame[bad["truncated"][0].frame_id].value == bad["truncated"][0].image  # original bytes kept
+    assert all(worker.alive() for worker in line.inference)
+
+
+def test_bad_control_commands_fail_with_a_reason_and_the_worker_goes_on(line: Line):
+    producer = make_producer(line.bootstrap, line.topics, client_id="test-operator")
+    producer.send(line.topics.control, value=b'{"action": "launch_rockets"}').get(30)
+    producer.close()
+    missing, unknown = line.command(
+        AddCategory(category="tiles", train_dir=str(line.data / "no-such-folder")),
+        RemoveCategory(category="never-added"),
+    )
+    assert missing.kind == EventKind.FAILED and "not a readable folder" in missing.message
+    assert unknown.kind == EventKind.FAILED and "unknown category" in unknown.message
+    letters = read_dead_letters(line.bootstrap, line.topics, 30,
+                                until=lambda ls: any(l.reason == DeadLetterReason.BAD_COMMAND for l in ls))
+    assert any(l.reason == DeadLetterReason.BAD_COMMAND and b"launch_rockets" in l.value for l in letters)
+
+    [done] = line.command(SetThreshold(category="brick", false_alarm_rate=0.2))  # still serving commands
+    assert done.kind == EventKind.FINISHED and done.details["threshold"] > 0
+    assert line.control.alive()
+
+
+def test_sigkill_mid_stream_loses_no_frame(line: Line):
+    frames = camera_frames(line.data, "brick") * 4  # 48 frames
+    frames = [f.model_copy(update={"frame_id": f"kill-{i}", "camera_id": f"cam-{i % 4}"}) for i, f in enumerate(frames)]
+    victim = line.inference[0]
+    produced_before = victim.metric("inspection_results_out_total") or 0
+    publisher = threading.Thread(target=_publish_slowly, args=(line, frames, 8.0))
+    publisher.start()
+    wait_until(lambda: (victim.metric("inspection_results_out_total") or 0) >= produced_before + 3, 120,
+               what="the worker to start producing results")
+    victim.kill()  # SIGKILL: no commit, no flush
+    replacement = line.spawn_inference("infer-b")
+    line.inference.remove(victim)
+    publisher.join()
+    results, _duplicates = collect_results(line.bootstrap, line.topics, [f.frame_id for f in frames], 180)
+    missing = sorted({f.frame_id for f in frames} - set(results))
+    assert not missing, f"lost frames {missing}; replacement log:\n{replacement.log_tail()}"
+
+
+def test_metrics_reach_prometheus(line: Line):
+    if line.stack.prometheus_url is None:
+        pytest.skip("prometheus is not installed")
+    query = urllib.parse.urlencode({"query": "sum(inspection_frames_in_total)"})
+
+    def value() -> float:
+        with urllib.request.urlopen(f"{line.stack.prometheus_url}/api/v1/query?{query}", timeout=5) as response:
+            data = json.load(response)["data"]["result"]
+        return float(data[0]["value"][1]) if data else 0.0
+
+    wait_until(lambda: value() > 0, 60, interval_s=1, what="Prometheus to scrape a worker")
+    stages = urllib.parse.urlencode({"query": "count(inspection_stage_seconds_bucket)"})
+    with urllib.request.urlopen(f"{line.stack.prometheus_url}/api/v1/query?{stages}", timeout=5) as response:
+        assert json.load(response)["data"]["result"], "stage histograms not scraped"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _inspected(line: Line, frames: list[Frame]) -> list[tuple[Frame, InspectionResult]]:
+    results = line.inspect(frames)
+    return [(f, results[f.frame_id]) for f in frames]
+
+
+def _publish_slowly(line: Line, frames: list[Frame], rate: float) -> None:
+    producer = make_producer(line.bootstrap, line.topics, client_id="test-slow-camera")
+    for frame in frames:
+        send_record(producer, line.topics.frames, frame.to_record())
+        time.sleep(1 / rate)
+    producer.flush()
+    producer.close()
+
+
+def _jpeg_bytes(data: Path) -> bytes:
+    from pipeline.imaging import decode_image, encode_jpeg
+
+    item = labeled_test_images(data, "brick")[0]
+    return encode_jpeg(decode_image(item.path.read_bytes(), 10**8))
