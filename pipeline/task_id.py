@@ -16,27 +16,13 @@ import numpy as np
 import torch
 
 from pipeline.backbone import TASK_STAGE, FeatureBatch
+from pipeline.sampling import farthest_point_sampling
 
 
 def task_features(batch: FeatureBatch) -> torch.Tensor:
     """B x P x D patch features used for keys and identification."""
     stage = batch.stages[TASK_STAGE]
     return stage.flatten(2).transpose(1, 2).float().cpu()
-
-
-def farthest_point_sampling(points: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
-    """Indices of k points, each the farthest from those already chosen (first one seeded-random)."""
-    n = points.shape[0]
-    if k >= n:
-        return torch.arange(n)
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.empty(k, dtype=torch.long)
-    chosen[0] = torch.randint(n, (1,), generator=generator)
-    min_dist = torch.linalg.vector_norm(points - points[chosen[0]], dim=1)
-    for i in range(1, k):
-        chosen[i] = torch.argmax(min_dist)
-        min_dist = torch.minimum(min_dist, torch.linalg.vector_norm(points - points[chosen[i]], dim=1))
-    return chosen
 
 
 def select_keys(features: torch.Tensor, num_keys: int, seed: int) -> np.ndarray:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.backbone import FeatureBatch
+from pipeline.sampling import farthest_point_sampling
 
 
 def embed_patches(batch: FeatureBatch, stages: tuple[int, ...]) -> torch.Tensor:
@@ -23,33 +24,14 @@ def embed_patches(batch: FeatureBatch, stages: tuple[int, ...]) -> torch.Tensor:
 
 
 def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int, seed: int) -> torch.Tensor:
-    """Indices of a k-center greedy coreset, distances computed in a random projection (JL lemma)
-    so each of the `size` iterations costs N x projection_dim instead of N x D."""
-    n, dim = features.shape
-    if size >= n:
-        return torch.arange(n)
-    generator = torch.Generator().manual_seed(seed)
+    """Indices of a k-center greedy coreset. Distances are taken in a random projection (JL lemma),
+    so each of the `size` steps costs N x projection_dim instead of N x D."""
+    dim = features.shape[1]
     if projection_dim < dim:
+        generator = torch.Generator().manual_seed(seed)
         projection = torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim)
-        points = features @ projection
-    else:
-        points = features
-    # ||p - c||^2 = ||p||^2 + ||c||^2 - 2 p.c : one matrix-vector product per step into reused buffers,
-    # no N x d temporary (the loop is memory-bound; a 64-d projection of 1e5 patches stays in cache).
-    points = points.contiguous()
-    sq_norms = (points * points).sum(dim=1)
-    selected = torch.empty(size, dtype=torch.long)
-    selected[0] = torch.randint(n, (1,), generator=generator)
-    min_dist = torch.full((n,), float("inf"))
-    dist = torch.empty(n)
-    for i in range(size):
-        if i > 0:
-            selected[i] = torch.argmax(min_dist)
-        center = selected[i]
-        torch.mv(points, points[center], out=dist)
-        dist.mul_(-2.0).add_(sq_norms).add_(sq_norms[center])
-        torch.minimum(min_dist, dist, out=min_dist)
-    return selected
+        features = features @ projection
+    return farthest_point_sampling(features, size, seed)
 
 
 def reweighted_image_scores(
