@@ -111,7 +111,8 @@ def line(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
     line = Line(stack, TopicsConfig(), data, redis_url, log_dir, control, [])
     line.spawn_inference("infer-a")
     try:
-        [event] = line.command(AddCategory(category="brick", train_dir=str(data / "brick" / "train" / "good")))
+        [event] = line.command(AddCategory(category="brick", train_dir=str(data / "brick" / "train" / "good"),
+                                          expert="patchcore"))
         assert event.kind == EventKind.FINISHED, event.message
         wait_for_store_version(line.inference, event.store_version)
         yield line
@@ -146,7 +147,8 @@ def test_adding_a_category_leaves_the_old_one_byte_identical(line: Line):
     before_hashes = task_blob_hashes(line.redis_url, "brick")
     before_entry = line.store.manifest().tasks["brick"]
 
-    [event] = line.command(AddCategory(category="grass", train_dir=str(line.data / "grass" / "train" / "good")))
+    [event] = line.command(AddCategory(category="grass", train_dir=str(line.data / "grass" / "train" / "good"),
+                                      expert="patchcore"))
     assert event.kind == EventKind.FINISHED, event.message
     wait_for_store_version(line.inference, event.store_version)  # picked up live, no restart
 

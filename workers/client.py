@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+
+from pydantic import BaseModel, ValidationError
 
 from schemas.config import TopicsConfig
 from schemas.messages import (
@@ -17,6 +20,19 @@ from schemas.messages import (
 from workers.kafka_io import make_producer, read_topic
 
 _FINAL = {EventKind.FINISHED, EventKind.FAILED}
+log = logging.getLogger(__name__)
+
+
+def _parse_all(model: type[BaseModel], records) -> list:
+    """Records that parse as `model`; anything else on the topic is skipped (and logged), not fatal."""
+    parsed = []
+    for record in records:
+        try:
+            parsed.append(model.model_validate_json(record.value or b""))
+        except ValidationError:
+            log.debug("skipping a record at %s:%d@%d that is no %s", record.topic, record.partition,
+                      record.offset, model.__name__)
+    return parsed
 
 
 def send_commands(bootstrap: str, topics: TopicsConfig, commands: Iterable[ControlCommand]) -> list[str]:
@@ -35,7 +51,7 @@ def send_commands(bootstrap: str, topics: TopicsConfig, commands: Iterable[Contr
 
 def read_events(bootstrap: str, topics: TopicsConfig, timeout_s: float, until=None) -> list[TrainingEvent]:
     def parsed(records) -> list[TrainingEvent]:
-        return [TrainingEvent.model_validate_json(r.value) for r in records]
+        return _parse_all(TrainingEvent, records)
 
     stop = (lambda records: until(parsed(records))) if until else None
     return parsed(read_topic(bootstrap, topics.events, topics, timeout_s, stop))
@@ -68,10 +84,8 @@ def collect_results(
     records = read_topic(bootstrap, topics.results, topics, timeout_s, until=lambda rs: keys <= seen(rs))
     results: dict[str, InspectionResult] = {}
     duplicates = 0
-    for record in records:
+    for record in (r for r in records if r.key in keys):
         frame_id = record.key.decode()
-        if frame_id not in wanted:
-            continue
         if frame_id in results:
             duplicates += 1
             continue
@@ -81,7 +95,7 @@ def collect_results(
 
 def read_dead_letters(bootstrap: str, topics: TopicsConfig, timeout_s: float, until=None) -> list[DeadLetter]:
     def parsed(records) -> list[DeadLetter]:
-        return [DeadLetter.model_validate_json(r.value) for r in records]
+        return _parse_all(DeadLetter, records)
 
     stop = (lambda records: until(parsed(records))) if until else None
     return parsed(read_topic(bootstrap, topics.dead_letter, topics, timeout_s, stop))
