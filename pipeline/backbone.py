@@ -16,9 +16,11 @@ from torch import nn
 
 from pipeline.assets import EFFICIENTNET_LITE0, AssetError, verified_path
 
-# Stage indices of timm's feature_info: 2 -> stride 8 (40 ch), 3 -> stride 16 (112 ch), 4 -> stride 32 (320 ch)
+# Stage indices of timm's feature_info: 1 -> stride 4 (24 ch), 2 -> stride 8 (40 ch), 3 -> stride 16 (112 ch),
+# 4 -> stride 32 (320 ch)
 PATCH_STAGES = (2, 3)  # mid-level: PatchCore's local patch features
 TASK_STAGE = 4  # most semantic: task (product) identification keys
+ALL_STAGES = (1, 2, 3, 4)
 _TIMM_NAME = "tf_efficientnet_lite0"
 
 
@@ -40,7 +42,7 @@ class Backbone(nn.Module):
     mean = 0.5
     std = 0.5
 
-    def __init__(self, stages: tuple[int, ...] = (*PATCH_STAGES, TASK_STAGE)):
+    def __init__(self, stages: tuple[int, ...] = ALL_STAGES):
         super().__init__()
         self.stage_ids = tuple(stages)
         self.net = timm.create_model(_TIMM_NAME, pretrained=False, features_only=True, out_indices=self.stage_ids)

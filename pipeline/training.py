@@ -1,7 +1,9 @@
 """Train one task from a folder of normal images: keys, expert and calibration. Touches no other task.
 
 The images are split once (seeded) into a fit part and a held-out calibration part; the expert and the
-keys see only the fit part, thresholds and the unknown-task bound only the held-out part.
+keys see only the fit part, thresholds and the unknown-task bound only the held-out part. With no expert
+named, every registered expert is fitted and the one that best separates the held-out normal images from
+synthetic anomalies made of them is kept (pipeline.expert_selection).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from pipeline.backbone import Backbone, FeatureBatch
 from pipeline.calibration import Calibration
 from pipeline.datasets import list_images
-from pipeline.experts import build_expert
+from pipeline.expert_selection import choose_expert, make_validation_set
+from pipeline.experts import EXPERT_TYPES, build_expert
 from pipeline.imaging import decode_image, resize_rgb
 from pipeline.task import TaskArtifacts
 from pipeline.task_id import KeyTaskIdentifier, select_keys, task_features
@@ -48,7 +51,7 @@ def feature_batches(backbone: Backbone, paths: Sequence[Path], model: ModelConfi
 def train_task(
     category: str,
     train_dir: Path,
-    expert_name: str,
+    expert_name: str | None,
     backbone: Backbone,
     model: ModelConfig,
     training: TrainingConfig,
@@ -66,11 +69,16 @@ def train_task(
     on_progress(0.35, f"features of {len(fit_paths)} images in {features_seconds:.1f}s")
 
     keys = select_keys(torch.cat([task_features(b) for b in batches]), model.num_keys, model.seed)
-    expert = build_expert(expert_name, model)
-    expert.fit(batches)
+    choice: list[dict] = []
+    if expert_name is None:
+        expert, results = _choose(batches, held_out_paths, backbone, model, training, on_progress)
+        choice = [r.as_dict() for r in results]
+    else:
+        expert = build_expert(expert_name, model)
+        expert.fit(batches, backbone)
     del batches
     fit_seconds = time.perf_counter() - started
-    on_progress(0.8, f"{expert_name} fitted in {fit_seconds - features_seconds:.1f}s")
+    on_progress(0.8, f"{expert.name} fitted in {fit_seconds - features_seconds:.1f}s")
 
     calibration = _calibrate(backbone, expert, keys, held_out_paths, model, training, false_alarm_rate)
     meta = {
@@ -79,10 +87,28 @@ def train_task(
         "num_fit_images": len(fit_paths),
         "num_calibration_images": len(held_out_paths),
         "fit_seconds": round(time.perf_counter() - started, 3),
+        "expert_choice": choice,
         "model_config": model.model_dump(),
     }
     on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})")
-    return TaskArtifacts(category, expert_name, keys, expert.to_bytes(), calibration, meta)
+    return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta)
+
+
+def _choose(batches, held_out_paths, backbone, model: ModelConfig, training: TrainingConfig, on_progress):
+    """Automatic choice among every registered expert (see pipeline.expert_selection)."""
+    validation = make_validation_set(backbone, list(feature_batches(backbone, held_out_paths, model, training.batch_size)), model.seed)
+    on_progress(0.4, f"choosing among {list(EXPERT_TYPES)} on {len(held_out_paths)} held-out normal images "
+                     f"+ as many synthetic anomalies")
+
+    def report(result) -> None:
+        on_progress(0.4, f"candidate {result.expert}: validation image AUROC {result.image_auroc:.4f}, pixel AUROC "
+                         f"{result.pixel_auroc:.4f} (fit {result.fit_seconds:.1f}s)")
+
+    expert, results = choose_expert(list(EXPERT_TYPES), batches, validation, backbone, model, on_result=report)
+    best = max(results, key=lambda r: r.score)
+    on_progress(0.75, f"chose {best.expert}: best mean validation AUROC {best.score:.4f} "
+                      f"(" + ", ".join(f"{r.expert} {r.score:.4f}" for r in results) + ")")
+    return expert, results
 
 
 def _calibrate(backbone, expert, keys, paths, model: ModelConfig, training: TrainingConfig, far: float) -> Calibration:

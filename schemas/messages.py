@@ -133,7 +133,7 @@ def _short(exc: Exception, limit: int = 300) -> str:
 
 
 # ------------------------------------------------------------------------------------------- control
-ExpertName = Literal["patchcore"]
+ExpertName = Literal["patchcore", "reverse_distillation", "fcdd"]
 """Experts a category can be served by. Later issues add more; validation rejects unknown names."""
 
 
@@ -149,7 +149,9 @@ class AddCategory(_Command):
 
     action: Literal["add_category"] = "add_category"
     train_dir: str = Field(description="Folder of normal images, readable by the control worker.")
-    expert: ExpertName | None = Field(default=None, description="None: the default expert.")
+    expert: ExpertName | None = Field(
+        default=None, description="None: fit every expert and keep the best on held-out normal + synthetic anomalies."
+    )
     max_train_images: int | None = Field(default=None, ge=4)
     false_alarm_rate: float = Field(default=0.01, gt=0, lt=0.5)
     replace: bool = Field(default=False, description="Allow retraining a category that exists.")

@@ -22,6 +22,16 @@ IMAGE_SIZE = 128
 CATEGORY = "brick"  # the texture on which a pretrained backbone separates synthetic defects cleanly
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Small CPU batches here: one intra-op thread. On a 2-core machine shared with Kafka, Redis and other
+    test processes, two OpenMP threads made one 128 px backbone pass up to 100x slower (busy barriers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _labeled_test_images(root: Path, category: str):
     # The reader of test/<defect> folders (named test_images in older code, which pytest would collect).
     reader = getattr(datasets, "labeled_test_images", None) or getattr(datasets, "test_images")

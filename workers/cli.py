@@ -81,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     _connection_options(control)
     control.set_defaults(handler=_control)
 
+    bench = commands.add_parser("bench", help="offline benchmark of every expert on every category of a dataset root")
+    bench.add_argument("--root", type=Path, default=Path("../shared/datasets"))
+    bench.add_argument("--category", action="append", default=None, help="default: every category under --root")
+    bench.add_argument("--expert", action="append", default=None, help="default: every expert")
+    bench.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images)
+    bench.add_argument("--seed", type=int, default=ModelConfig().seed)
+    bench.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    bench.set_defaults(handler=_bench)
+
     demo = commands.add_parser("demo", help="the end-to-end demo on the local stack (README's first command)")
     demo.add_argument("--dataset-root", type=Path, default=Path("../shared/datasets"))
     demo.add_argument("--category", action="append", default=None, help="default: magnetic_tile, ball_screw")
@@ -206,6 +215,29 @@ def _control(args: argparse.Namespace) -> int:
         command = ChooseExpert(category=args.category, expert=args.expert)
     send_commands(args.bootstrap, TopicsConfig(), [command])
     print(json.dumps({"sent": command.action, "command_id": command.command_id}))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pipeline.backbone import Backbone
+    from pipeline.benchmark import benchmark_category, markdown_table, rows_as_dicts
+    from pipeline.datasets import discover_categories
+    from pipeline.experts import EXPERT_TYPES
+
+    model = ModelConfig(seed=args.seed)
+    training = TrainingConfig(max_train_images=args.max_train_images)
+    backbone = Backbone.pretrained()
+    rows = []
+    for category in args.category or discover_categories(args.root):
+        rows += benchmark_category(
+            args.root, category, args.expert or list(EXPERT_TYPES), backbone, model, training,
+            on_row=lambda row: log.info("%s/%s: image AUROC %.4f, pixel AUROC %.4f", row.category, row.expert,
+                                        row.image_auroc, row.pixel_auroc),
+        )
+    print(markdown_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"seed": args.seed, "max_train_images": args.max_train_images,
+                                         "rows": rows_as_dicts(rows)}, indent=2))
     return 0
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer
 
 from pipeline.backbone import Backbone
-from pipeline.experts import DEFAULT_EXPERT
 from pipeline.store import KnowledgeStore, StoreError
 from pipeline.training import train_task
 from schemas.config import ControlConfig, ModelConfig, TopicsConfig, TrainingConfig
@@ -114,8 +113,7 @@ class ControlWorker:
     def _add(self, command: AddCategory) -> None:
         if command.category in self.store.manifest().tasks and not command.replace:
             raise CommandRejected(f"category {command.category!r} exists; send replace=true to retrain it")
-        self._train(command, Path(command.train_dir), command.expert or DEFAULT_EXPERT,
-                    command.false_alarm_rate, command.max_train_images)
+        self._train(command, Path(command.train_dir), command.expert, command.false_alarm_rate, command.max_train_images)
 
     def _choose_expert(self, command: ChooseExpert) -> None:
         entry = self._entry(command.category)
@@ -123,11 +121,13 @@ class ControlWorker:
         self._train(command, Path(artifacts.meta["train_dir"]), command.expert,
                     artifacts.calibration.false_alarm_rate, artifacts.meta.get("max_train_images"))
 
-    def _train(self, command: ControlCommand, train_dir: Path, expert: str, far: float, limit: int | None) -> None:
+    def _train(self, command: ControlCommand, train_dir: Path, expert: str | None, far: float, limit: int | None) -> None:
+        """Train and publish one task; `expert` None = automatic choice among all experts."""
         if not train_dir.is_dir():
             raise CommandRejected(f"train_dir {str(train_dir)!r} is not a readable folder")
-        self._event(command, EventKind.STARTED, f"training {command.category!r} with {expert} from {train_dir}",
-                    progress=0.0, details={"expert": expert})
+        how = expert or "an automatically chosen expert"
+        self._event(command, EventKind.STARTED, f"training {command.category!r} with {how} from {train_dir}",
+                    progress=0.0, details={"expert": expert or "auto"})
         started = time.perf_counter()
         task = train_task(
             command.category, train_dir, expert, self.backbone, self.model, self.training, far, limit,
@@ -135,13 +135,16 @@ class ControlWorker:
         )
         version = self.store.publish(task)
         seconds = time.perf_counter() - started
-        self.metrics.training_seconds.labels(expert).observe(seconds)
+        self.metrics.training_seconds.labels(task.expert_name).observe(seconds)
         entry = self.store.manifest().tasks[command.category]
         self._event(
             command, EventKind.FINISHED, f"{command.category!r} published as store version {version}",
             progress=1.0, store_version=version,
             details={
-                "expert": expert,
+                "expert": task.expert_name,
+                "expert_choice": "; ".join(
+                    f"{c['expert']} {c['score']:.4f}" for c in task.meta["expert_choice"]
+                ) or "given by the command",
                 "training_seconds": round(seconds, 2),
                 "threshold": task.calibration.threshold,
                 "implied_false_alarm_rate": task.calibration.implied_false_alarm_rate,

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from pipeline.experts.base import Expert, ExpertOutput
+from pipeline.experts.fcdd import FCDD, FCDDConfig
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
+from pipeline.experts.reverse_distillation import ReverseDistillation, ReverseDistillationConfig
 from schemas.config import ModelConfig
 
-DEFAULT_EXPERT = "patchcore"
-EXPERT_TYPES: dict[str, type[Expert]] = {PatchCore.name: PatchCore}
+# Order = preference on ties in the automatic choice.
+EXPERT_TYPES: dict[str, type[Expert]] = {
+    PatchCore.name: PatchCore,
+    ReverseDistillation.name: ReverseDistillation,
+    FCDD.name: FCDD,
+}
 
 
 def build_expert(name: str, config: ModelConfig) -> Expert:
@@ -23,6 +29,10 @@ def build_expert(name: str, config: ModelConfig) -> Expert:
                 seed=config.seed,
             )
         )
+    if name == ReverseDistillation.name:
+        return ReverseDistillation(ReverseDistillationConfig(map_sigma=config.map_sigma, seed=config.seed))
+    if name == FCDD.name:
+        return FCDD(FCDDConfig(seed=config.seed))
     raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
 
 
@@ -32,4 +42,4 @@ def load_expert(name: str, state: bytes) -> Expert:
     return EXPERT_TYPES[name].from_bytes(state)
 
 
-__all__ = ["DEFAULT_EXPERT", "EXPERT_TYPES", "Expert", "ExpertOutput", "build_expert", "load_expert"]
+__all__ = ["EXPERT_TYPES", "Expert", "ExpertOutput", "build_expert", "load_expert"]

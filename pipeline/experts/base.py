@@ -8,13 +8,13 @@ an expert: they live in the category's calibration (pipeline.calibration).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from pipeline.backbone import FeatureBatch
+from pipeline.backbone import Backbone, FeatureBatch
 
 
 @dataclass
@@ -27,8 +27,9 @@ class Expert(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def fit(self, batches: Iterable[FeatureBatch]) -> None:
-        """Learn from batches of normal images only."""
+    def fit(self, batches: Sequence[FeatureBatch], backbone: Backbone) -> None:
+        """Learn from batches of normal images only. `backbone` is the frozen extractor that made the
+        batches, for experts that must embed images of their own (e.g. synthetic anomalies)."""
 
     @abstractmethod
     def predict(self, batch: FeatureBatch) -> ExpertOutput: ...

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import torch
 
-from pipeline.backbone import PATCH_STAGES, FeatureBatch
+from pipeline.backbone import PATCH_STAGES, Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput
 from pipeline.experts.patchcore.torch_model import (
     embed_patches,
@@ -40,7 +40,7 @@ class PatchCore(Expert):
         self._bank_neighbours: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------- fitting
-    def fit(self, batches: Iterable[FeatureBatch]) -> None:
+    def fit(self, batches: Sequence[FeatureBatch], backbone: Backbone | None = None) -> None:
         patches = torch.cat([embed_patches(b, PATCH_STAGES).flatten(0, 2) for b in batches]).float().cpu()
         size = min(self.config.max_coreset_size, max(1, int(len(patches) * self.config.coreset_ratio)))
         chosen = greedy_coreset(patches, size, self.config.projection_dim, self.config.seed)

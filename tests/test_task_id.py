@@ -1,0 +1,152 @@
+"""Task identification by nearest keys: farthest-point sampling, batched distances, unknown frames."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.task_id import KeyTaskIdentifier, farthest_point_sampling, select_keys
+
+
+# ------------------------------------------------------------------------------ farthest points
+@pytest.mark.parametrize("seed", range(10))
+def test_fps_first_three_include_both_extremes_in_1d(seed: int) -> None:
+    # Two extremes and a tight cluster in the middle: whatever the random first pick, the next two
+    # farthest points include both ends.
+    values = [4.8, 0.0, 4.9, 5.0, 10.0, 5.1, 5.2]
+    points = torch.tensor(values)[:, None]
+    chosen = farthest_point_sampling(points, 3, seed=seed).tolist()
+    assert len(set(chosen)) == 3
+    assert {1, 4} <= set(chosen)  # indices of 0.0 and 10.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fps_is_greedy_farthest_and_distinct(seed: int) -> None:
+    points = torch.from_numpy(np.random.default_rng(seed).normal(size=(80, 5)).astype(np.float32))
+    chosen = farthest_point_sampling(points, 30, seed=seed).tolist()
+    assert len(set(chosen)) == 30
+    assert farthest_point_sampling(points, 30, seed=seed).tolist() == chosen  # seeded
+    p = points.double()
+    for i in range(1, 30):
+        dist = torch.cdist(p, p[chosen[:i]]).amin(dim=1)
+        assert dist[chosen[i]] == pytest.approx(float(dist.max()), rel=1e-5)
+
+
+def test_fps_k_at_least_n_returns_all() -> None:
+    points = torch.zeros(4, 2)
+    assert farthest_point_sampling(points, 4).tolist() == [0, 1, 2, 3]
+    assert farthest_point_sampling(points, 10).tolist() == [0, 1, 2, 3]
+
+
+def test_select_keys_shape_and_membership() -> None:
+    features = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 16, 8)).astype(np.float32))
+    keys = select_keys(features, 10, seed=0)
+    assert keys.shape == (10, 8) and keys.dtype == np.float32
+    flat = features.reshape(-1, 8).numpy()
+    for key in keys:  # every key is one of the patches
+        assert np.any(np.all(flat == key, axis=1))
+    assert len({k.tobytes() for k in keys}) == 10
+
+
+# ------------------------------------------------------------------------------------ distances
+def naive_distances(features: np.ndarray, keys: dict[str, np.ndarray]) -> np.ndarray:
+    """B x T: per frame, per task (sorted by name), mean over patches of the nearest-key distance."""
+    names = sorted(keys)
+    out = np.zeros((features.shape[0], len(names)))
+    for b, frame in enumerate(features.astype(np.float64)):
+        for t, name in enumerate(names):
+            total = 0.0
+            for patch in frame:
+                total += min(math.dist(patch, key) for key in keys[name].astype(np.float64))
+            out[b, t] = total / len(frame)
+    return out
+
+
+def _task_keys(rng: np.random.Generator, dim: int, counts: dict[str, int], spread: float = 0.3):
+    centers = {name: rng.normal(scale=5.0, size=dim) for name in counts}
+    keys = {name: (centers[name] + rng.normal(scale=spread, size=(n, dim))).astype(np.float32)
+            for name, n in counts.items()}
+    return centers, keys
+
+
+@pytest.mark.parametrize("counts", [{"a": 4, "b": 4}, {"a": 1, "b": 7, "c": 3}, {"solo": 5}])
+def test_distances_equal_naive_loop(counts: dict[str, int]) -> None:
+    rng = np.random.default_rng(len(counts))
+    _, keys = _task_keys(rng, 6, counts)
+    identifier = KeyTaskIdentifier(keys, {name: 1.0 for name in keys})
+    assert len(identifier) == len(counts) and identifier.names == sorted(counts)
+    features = rng.normal(scale=4.0, size=(3, 10, 6)).astype(np.float32)
+    got = identifier.distances(torch.from_numpy(features)).numpy()
+    assert got.shape == (3, len(counts))
+    np.testing.assert_allclose(got, naive_distances(features, keys), rtol=1e-4, atol=1e-4)
+
+
+def test_identify_routes_near_keys_and_flags_unknown() -> None:
+    rng = np.random.default_rng(7)
+    dim = 8
+    centers, keys = _task_keys(rng, dim, {"brick": 6, "grass": 2, "gravel": 11})
+    bounds = {name: 2.0 for name in keys}
+    identifier = KeyTaskIdentifier(keys, bounds)
+
+    # Frames whose patches are small perturbations of one task's keys.
+    frames, truth = [], []
+    for name, task_keys in keys.items():
+        for _ in range(3):
+            picks = task_keys[rng.integers(0, len(task_keys), size=5)]
+            frames.append(picks + rng.normal(scale=0.05, size=picks.shape))
+            truth.append(name)
+    # Frames far from every task.
+    for _ in range(3):
+        frames.append(rng.normal(size=(5, dim)) + 40.0)
+        truth.append(None)
+    matches = identifier.identify(torch.from_numpy(np.stack(frames).astype(np.float32)))
+
+    assert [m.category for m in matches] == truth
+    distances = identifier.distances(torch.from_numpy(np.stack(frames).astype(np.float32))).numpy()
+    for match, row in zip(matches, distances):
+        assert 0.0 <= match.margin <= 1.0
+        assert match.nearest == identifier.names[int(np.argmin(row))]
+        assert match.distance == pytest.approx(float(row.min()), rel=1e-6)
+        if match.category is None:
+            assert match.distance > bounds[match.nearest]
+        else:
+            assert match.distance <= bounds[match.category]
+            assert match.margin > 0.5  # near one task, far from the others
+
+
+def test_bounds_decide_unknown_per_task() -> None:
+    keys = {"near": np.zeros((1, 2), np.float32), "far": np.full((1, 2), 100.0, np.float32)}
+    frame = torch.tensor([[[3.0, 4.0]]])  # distance 5 to "near"
+    assert KeyTaskIdentifier(keys, {"near": 5.0, "far": 0.0}).identify(frame)[0].category == "near"
+    match = KeyTaskIdentifier(keys, {"near": 4.99, "far": 1e9}).identify(frame)[0]
+    assert match.category is None and match.nearest == "near" and match.distance == pytest.approx(5.0)
+
+
+def test_margin_is_relative_gap() -> None:
+    keys = {"a": np.zeros((1, 1), np.float32), "b": np.full((1, 1), 10.0, np.float32)}
+    identifier = KeyTaskIdentifier(keys, {"a": 100.0, "b": 100.0})
+    match = identifier.identify(torch.tensor([[[4.0]]]))[0]  # 4 from a, 6 from b
+    assert match.category == "a" and match.margin == pytest.approx((6 - 4) / 4)
+    tie = identifier.identify(torch.tensor([[[5.0]]]))[0]
+    assert tie.margin == pytest.approx(0.0)
+    exact = identifier.identify(torch.tensor([[[0.0]]]))[0]  # distance 0: margin capped at 1
+    assert exact.category == "a" and exact.margin == 1.0
+
+
+def test_single_task_margin_is_one() -> None:
+    identifier = KeyTaskIdentifier({"only": np.zeros((3, 4), np.float32)}, {"only": 10.0})
+    matches = identifier.identify(torch.ones(2, 5, 4))
+    assert [(m.category, m.margin) for m in matches] == [("only", 1.0), ("only", 1.0)]
+
+
+def test_zero_tasks_is_unknown() -> None:
+    identifier = KeyTaskIdentifier({}, {})
+    assert len(identifier) == 0
+    matches = identifier.identify(torch.zeros(3, 4, 8))
+    assert len(matches) == 3
+    for match in matches:
+        assert match.category is None and match.nearest is None
+        assert match.distance == float("inf") and match.margin == 0.0
