@@ -90,7 +90,7 @@ def _predict_all(expert, backbone: Backbone, images: list[np.ndarray], size: int
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
         batch = backbone.extract([resize_rgb(image, size) for image in images[start : start + batch_size]])
-        output = expert.predict(batch)
+        output = expert.predict(batch, backbone)
         scores.extend(output.scores.tolist())
         maps.extend(output.maps)
     return scores, maps, time.perf_counter() - started

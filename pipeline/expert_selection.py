@@ -54,9 +54,9 @@ def make_validation_set(backbone: Backbone, normal: list[FeatureBatch], seed: in
     return ValidationSet(normal, anomalous, masks)
 
 
-def evaluate(expert: Expert, validation: ValidationSet, fit_seconds: float) -> CandidateResult:
-    normal = [expert.predict(b) for b in validation.normal]
-    anomalous = [expert.predict(b) for b in validation.anomalous]
+def evaluate(expert: Expert, validation: ValidationSet, backbone: Backbone, fit_seconds: float) -> CandidateResult:
+    normal = [expert.predict(b, backbone) for b in validation.normal]
+    anomalous = [expert.predict(b, backbone) for b in validation.anomalous]
     scores = np.concatenate([o.scores for o in normal + anomalous])
     labels = [False] * sum(len(o.scores) for o in normal) + [True] * sum(len(o.scores) for o in anomalous)
     maps = [m for o in normal + anomalous for m in o.maps]
@@ -80,7 +80,7 @@ def choose_expert(
         expert = build_expert(name, model)
         started = time.perf_counter()
         expert.fit(fit_batches, backbone)
-        result = evaluate(expert, validation, time.perf_counter() - started)
+        result = evaluate(expert, validation, backbone, time.perf_counter() - started)
         on_result(result)
         results.append(result)
         if best is None or result.score > best[1].score:

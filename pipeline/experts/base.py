@@ -32,7 +32,13 @@ class Expert(ABC):
         batches, for experts that must embed images of their own (e.g. synthetic anomalies)."""
 
     @abstractmethod
-    def predict(self, batch: FeatureBatch) -> ExpertOutput: ...
+    def predict(self, batch: FeatureBatch, backbone: Backbone | None = None) -> ExpertOutput:
+        """Scores and maps of a batch. `backbone` made the batch; experts that run part of it again
+        (UCAD's prompted ViT) need it, those working on the shared features alone ignore it."""
+
+    def fit_summary(self) -> dict:
+        """What the last fit did (JSON-able), for training events and provenance; {} if nothing to say."""
+        return {}
 
     @abstractmethod
     def to_bytes(self) -> bytes:

@@ -219,7 +219,7 @@ class FCDD(Expert):
             stages = {s: batch.stages[s].float().cpu() for s in self.config.stages}
             return self.net(fcdd_features(stages, self.config.stages))
 
-    def predict(self, batch: FeatureBatch) -> ExpertOutput:
+    def predict(self, batch: FeatureBatch, backbone: Backbone | None = None) -> ExpertOutput:
         cfg = self.config
         heatmaps = self.heatmaps(batch)
         with torch.no_grad():

@@ -1,22 +1,17 @@
-"""PatchCore as an Expert: memory bank fitting, faiss search, state as bytes."""
+"""PatchCore as an Expert: locally aware CNN patch features into a memory bank, state as bytes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
 from pipeline.backbone import PATCH_STAGES, Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput
-from pipeline.experts.patchcore.torch_model import (
-    embed_patches,
-    greedy_coreset,
-    reweighted_image_scores,
-    upsample_maps,
-)
+from pipeline.experts.patchcore.memory_bank import MemoryBank
+from pipeline.experts.patchcore.torch_model import embed_patches
 from pipeline.serialization import pack, unpack
 
 
@@ -35,46 +30,27 @@ class PatchCore(Expert):
 
     def __init__(self, config: PatchCoreConfig = PatchCoreConfig()):
         self.config = config
-        self.bank: np.ndarray | None = None  # M x D float32
-        self._index: faiss.Index | None = None
-        self._bank_neighbours: torch.Tensor | None = None
+        self.memory: MemoryBank | None = None
 
-    # ----------------------------------------------------------------------------------- fitting
+    @property
+    def bank(self) -> np.ndarray | None:
+        return None if self.memory is None else self.memory.bank
+
     def fit(self, batches: Sequence[FeatureBatch], backbone: Backbone | None = None) -> None:
         patches = torch.cat([embed_patches(b, PATCH_STAGES).flatten(0, 2) for b in batches]).float().cpu()
-        size = min(self.config.max_coreset_size, max(1, int(len(patches) * self.config.coreset_ratio)))
-        chosen = greedy_coreset(patches, size, self.config.projection_dim, self.config.seed)
-        self._set_bank(patches[chosen].numpy())
+        c = self.config
+        self.memory = MemoryBank.from_patches(patches, c.coreset_ratio, c.max_coreset_size, c.projection_dim, c.num_neighbors, c.seed)
 
-    def _set_bank(self, bank: np.ndarray) -> None:
-        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
-        self._index = faiss.IndexFlatL2(self.bank.shape[1])
-        self._index.add(self.bank)
-        k = min(self.config.num_neighbors, len(self.bank))
-        _, neighbours = self._index.search(self.bank, k)  # itself first (distance 0)
-        self._bank_neighbours = torch.from_numpy(neighbours.astype(np.int64))
-
-    # --------------------------------------------------------------------------------- inference
-    def predict(self, batch: FeatureBatch) -> ExpertOutput:
-        if self._index is None:
+    def predict(self, batch: FeatureBatch, backbone: Backbone | None = None) -> ExpertOutput:
+        if self.memory is None:
             raise RuntimeError("PatchCore.predict before fit/from_bytes")
-        query = embed_patches(batch, PATCH_STAGES).float().cpu()  # B x h x w x D
-        b, h, w, d = query.shape
-        flat = query.reshape(b * h * w, d)
-        sq_dist, index = self._index.search(np.ascontiguousarray(flat.numpy()), 1)
-        nn_dist = torch.from_numpy(np.sqrt(np.maximum(sq_dist[:, 0], 0))).view(b, h * w)
-        nn_index = torch.from_numpy(index[:, 0].astype(np.int64)).view(b, h * w)
-        scores = reweighted_image_scores(
-            query.view(b, h * w, d), nn_dist, nn_index, self._bank_neighbours, torch.from_numpy(self.bank)
-        )
-        maps = upsample_maps(nn_dist.view(b, h, w), batch.image_size, self.config.map_sigma)
-        return ExpertOutput(scores=scores.numpy().astype(np.float32), maps=maps.numpy().astype(np.float32))
+        scores, maps = self.memory.score(embed_patches(batch, PATCH_STAGES), batch.image_size, self.config.map_sigma)
+        return ExpertOutput(scores=scores, maps=maps)
 
-    # ----------------------------------------------------------------------------------- storage
     def to_bytes(self) -> bytes:
-        if self.bank is None:
+        if self.memory is None:
             raise RuntimeError("PatchCore.to_bytes before fit")
-        return pack({"expert": self.name, "config": self.config.__dict__}, {"bank": self.bank})
+        return pack({"expert": self.name, "config": self.config.__dict__}, {"bank": self.memory.bank})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "PatchCore":
@@ -82,5 +58,5 @@ class PatchCore(Expert):
         if meta.get("expert") != cls.name:
             raise ValueError(f"state is for expert {meta.get('expert')!r}, not {cls.name!r}")
         expert = cls(PatchCoreConfig(**meta["config"]))
-        expert._set_bank(arrays["bank"])
+        expert.memory = MemoryBank(arrays["bank"], expert.config.num_neighbors)
         return expert

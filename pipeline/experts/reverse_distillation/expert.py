@@ -148,7 +148,7 @@ class ReverseDistillation(Expert):
         return float(torch.cat(losses).mean())
 
     # --------------------------------------------------------------------------------- inference
-    def predict(self, batch: FeatureBatch) -> ExpertOutput:
+    def predict(self, batch: FeatureBatch, backbone: Backbone | None = None) -> ExpertOutput:
         if self.net is None:
             raise RuntimeError("ReverseDistillation.predict before fit/from_bytes")
         with torch.no_grad():
