@@ -1,4 +1,6 @@
-"""The frozen, pretrained CNN every task shares: EfficientNet-Lite0 on timm, features of chosen stages.
+"""The frozen, pretrained extractor every task shares: EfficientNet-Lite0 stages for the CNN experts and
+the DINOv2 ViT-S/14's unprompted patch tokens of one intermediate block for task identification (UCAD's
+keys). One pass per micro-batch feeds task identification and every expert.
 
 The registry package ships the weights of the TF-ported EfficientNet-Lite0; they map one to one onto
 timm's `tf_efficientnet_lite0` (TF "same" padding, inputs normalised with mean = std = 0.5), which
@@ -12,14 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.assets import EFFICIENTNET_LITE0, AssetError, verified_path
+from pipeline.vit import ViTBackbone
 
 # Stage indices of timm's feature_info: 1 -> stride 4 (24 ch), 2 -> stride 8 (40 ch), 3 -> stride 16 (112 ch),
 # 4 -> stride 32 (320 ch)
 PATCH_STAGES = (2, 3)  # mid-level: PatchCore's local patch features
-TASK_STAGE = 4  # most semantic: task (product) identification keys
+KEY_LAYER = 7  # ViT block (0-based) whose unprompted patch tokens are the task keys (see README: deeper blocks
+# confuse defective frames with other products, earlier ones separate unknown products less)
+VIT_PATCH = 14
 ALL_STAGES = (1, 2, 3, 4)
 _TIMM_NAME = "tf_efficientnet_lite0"
 
@@ -29,11 +35,20 @@ class FeatureBatch:
     """One backbone pass over a batch, shared by task identification and every expert."""
 
     pixels: torch.Tensor  # B x 3 x S x S in [0, 1]
-    stages: dict[int, torch.Tensor]  # stage index -> B x C x h x w
+    stages: dict[int, torch.Tensor]  # CNN stage index -> B x C x h x w
+    tokens: torch.Tensor | None = None  # B x P x D unprompted ViT patch tokens at KEY_LAYER (None: no ViT)
 
     @property
     def image_size(self) -> int:
         return self.pixels.shape[-1]
+
+    def select(self, rows: list[int]) -> "FeatureBatch":
+        """The sub-batch of the given rows (the same object when that is every row)."""
+        if len(rows) == self.pixels.shape[0]:
+            return self
+        index = torch.tensor(rows, device=self.pixels.device)
+        tokens = None if self.tokens is None else self.tokens[index]
+        return FeatureBatch(self.pixels[index], {s: f[index] for s, f in self.stages.items()}, tokens)
 
 
 class Backbone(nn.Module):
@@ -42,16 +57,19 @@ class Backbone(nn.Module):
     mean = 0.5
     std = 0.5
 
-    def __init__(self, stages: tuple[int, ...] = ALL_STAGES):
+    def __init__(self, stages: tuple[int, ...] = ALL_STAGES, vit: ViTBackbone | None = None):
         super().__init__()
         self.stage_ids = tuple(stages)
         self.net = timm.create_model(_TIMM_NAME, pretrained=False, features_only=True, out_indices=self.stage_ids)
+        self.vit = vit  # None: a CNN-only extractor (random-weight controls in tests); no task keys then
         self.requires_grad_(False)
         self.eval()
 
     @classmethod
-    def pretrained(cls, device: str | torch.device = "cpu") -> "Backbone":
-        model = cls()
+    def pretrained(cls, device: str | torch.device = "cpu", image_size: int = 224) -> "Backbone":
+        """Both networks with verified pretrained weights; the ViT runs on the largest multiple of its
+        patch size that fits `image_size` (224 -> a 16 x 16 token grid)."""
+        model = cls(vit=ViTBackbone.pretrained(image_size=VIT_PATCH * (image_size // VIT_PATCH)))
         model.net.load_state_dict(_timm_state_dict(model.net), strict=True)
         return model.to(device)
 
@@ -66,7 +84,15 @@ class Backbone(nn.Module):
     def forward(self, pixels: torch.Tensor) -> FeatureBatch:
         pixels = pixels.to(self.device, non_blocking=True)
         outputs = self.net((pixels - self.mean) / self.std)
-        return FeatureBatch(pixels=pixels, stages=dict(zip(self.stage_ids, outputs)))
+        tokens = None if self.vit is None else self.vit.patch_tokens(self.vit_pixels(pixels), KEY_LAYER)
+        return FeatureBatch(pixels=pixels, stages=dict(zip(self.stage_ids, outputs)), tokens=tokens)
+
+    def vit_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The batch resized to the ViT's input side (a no-op at 224)."""
+        side = self.vit.image_size
+        if pixels.shape[-1] == side:
+            return pixels
+        return F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
     def extract(self, images: list[np.ndarray]) -> FeatureBatch:
         """`images`: float32 3 x S x S arrays in [0, 1] (see pipeline.imaging.resize_rgb)."""

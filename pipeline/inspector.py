@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from pipeline.backbone import Backbone, FeatureBatch
 from pipeline.experts import Expert, load_expert
@@ -97,7 +96,7 @@ class Inspector:
         results: list[Inspection | None] = [None] * len(images)
         for category in {m.category for m in matches if m.category is not None}:
             rows = [i for i, m in enumerate(matches) if m.category == category]
-            for row, inspection in zip(rows, self._run_expert(self.tasks[category], _select(batch, rows), [matches[i] for i in rows])):
+            for row, inspection in zip(rows, self._run_expert(self.tasks[category], batch.select(rows), [matches[i] for i in rows])):
                 results[row] = inspection
         for row, match in enumerate(matches):
             if results[row] is None:
@@ -106,9 +105,8 @@ class Inspector:
         timings = BatchTimings(1000 * (t1 - t0), 1000 * (t2 - t1), 1000 * (t3 - t2))
         return results, timings
 
-    @staticmethod
-    def _run_expert(task: LoadedTask, batch: FeatureBatch, matches: list[TaskMatch]) -> list[Inspection]:
-        output = task.expert.predict(batch)
+    def _run_expert(self, task: LoadedTask, batch: FeatureBatch, matches: list[TaskMatch]) -> list[Inspection]:
+        output = task.expert.predict(batch, self.backbone)
         calibration = task.artifacts.calibration
         return [
             Inspection(
@@ -126,9 +124,3 @@ class Inspector:
             for match, score, score_map in zip(matches, output.scores, output.maps)
         ]
 
-
-def _select(batch: FeatureBatch, rows: list[int]) -> FeatureBatch:
-    if len(rows) == batch.pixels.shape[0]:
-        return batch
-    index = torch.tensor(rows, device=batch.pixels.device)
-    return FeatureBatch(batch.pixels[index], {s: f[index] for s, f in batch.stages.items()})

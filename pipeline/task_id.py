@@ -1,11 +1,10 @@
-"""Task identification by nearest keys (UCAD's key bank, here on the frozen CNN's deepest stage).
+"""Task identification by nearest keys: UCAD's key bank, on the frozen, unprompted ViT.
 
-Each task keeps K keys: farthest-point samples of its training images' patch features. A frame's
+Each task keeps K keys: farthest-point samples of its training images' patch tokens (ViT block
+`KEY_LAYER`, see pipeline.backbone). A frame's
 distance to a task is the mean, over the frame's patches, of the distance to the task's nearest key.
 All tasks are scored at once: one batched distance computation over a T x K x D key tensor, never a
 Python loop over tasks. A frame whose best distance exceeds that task's calibrated bound is unknown.
-
-`task_features` defines what a key is; swapping it (e.g. for ViT patch tokens) is the extension point.
 """
 
 from __future__ import annotations
@@ -15,14 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.backbone import TASK_STAGE, FeatureBatch
+from pipeline.backbone import FeatureBatch
 from pipeline.sampling import farthest_point_sampling
 
 
 def task_features(batch: FeatureBatch) -> torch.Tensor:
     """B x P x D patch features used for keys and identification."""
-    stage = batch.stages[TASK_STAGE]
-    return stage.flatten(2).transpose(1, 2).float().cpu()
+    if batch.tokens is None:
+        raise ValueError("task identification needs the ViT's tokens: build the backbone with Backbone.pretrained()")
+    return batch.tokens.float().cpu()
 
 
 def select_keys(features: torch.Tensor, num_keys: int, seed: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 
 import pytest
 import redis
+import torch
 
 from schemas.config import StackConfig, TopicsConfig
 from workers.stack import LocalStack
@@ -20,6 +21,16 @@ def find_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         for sock in sockets:
             sock.bind((host, 0))
         return [sock.getsockname()[1] for sock in sockets]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small CPU batches here: one intra-op thread. On a 2-core machine shared with Kafka, Redis and other
+    test processes, two OpenMP threads made one 128 px backbone pass up to 100x slower (busy barriers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

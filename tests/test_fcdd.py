@@ -31,13 +31,7 @@ CATEGORY = "brick"
 CONFIG = FCDDConfig(max_epochs=8, patience=3, batch_size=8, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small CPU batches on a shared 2-core machine: one intra-op thread avoids busy OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------- torch parts
@@ -136,7 +130,7 @@ def _scores(expert: FCDD, data: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pretrained(brick: Path) -> dict:
-    data = _embed(Backbone.pretrained(), brick)
+    data = _embed(Backbone.pretrained(image_size=IMAGE_SIZE), brick)
     data["expert"] = _fit(data)
     return data
 

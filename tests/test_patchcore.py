@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import datasets
-from pipeline.backbone import PATCH_STAGES, TASK_STAGE, Backbone, FeatureBatch
+from pipeline.backbone import PATCH_STAGES, Backbone, FeatureBatch
 from pipeline.datasets import read_mask, train_images, write_synthetic_category
 from pipeline.evaluation import roc_auc
 from pipeline.experts import build_expert, load_expert
@@ -22,14 +22,7 @@ IMAGE_SIZE = 128
 CATEGORY = "brick"  # the texture on which a pretrained backbone separates synthetic defects cleanly
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small CPU batches here: one intra-op thread. On a 2-core machine shared with Kafka, Redis and other
-    test processes, two OpenMP threads made one 128 px backbone pass up to 100x slower (busy barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _labeled_test_images(root: Path, category: str):
@@ -184,7 +177,7 @@ def _evaluate(backbone: Backbone, root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def pretrained_run(brick: Path) -> dict:
-    return _evaluate(Backbone.pretrained(), brick)
+    return _evaluate(Backbone.pretrained(image_size=IMAGE_SIZE), brick)
 
 
 @pytest.fixture(scope="module")

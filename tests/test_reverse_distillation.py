@@ -185,7 +185,7 @@ def _evaluate(backbone: Backbone, root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def pretrained_run(brick: Path) -> dict:
-    return _evaluate(Backbone.pretrained(), brick)
+    return _evaluate(Backbone.pretrained(image_size=IMAGE_SIZE), brick)
 
 
 @pytest.fixture(scope="module")

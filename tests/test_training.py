@@ -10,7 +10,7 @@ import redis
 import torch
 
 from pipeline import datasets
-from pipeline.backbone import TASK_STAGE, Backbone
+from pipeline.backbone import Backbone
 from pipeline.datasets import list_images, write_synthetic_category
 from pipeline.evaluation import accuracy
 from pipeline.experts import EXPERT_TYPES, load_expert
@@ -29,14 +29,7 @@ MODEL = ModelConfig(image_size=IMAGE_SIZE, coreset_ratio=0.1, max_coreset_size=5
 TRAINING = TrainingConfig(batch_size=16, calibration_fraction=0.25)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small CPU batches here: one intra-op thread. On a 2-core machine shared with Kafka, Redis and other
-    test processes, two OpenMP threads made one 128 px backbone pass up to 100x slower (busy barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _labeled_test_images(root: Path, category: str):
@@ -47,7 +40,7 @@ def _labeled_test_images(root: Path, category: str):
 
 @pytest.fixture(scope="module")
 def backbone() -> Backbone:
-    return Backbone.pretrained()
+    return Backbone.pretrained(image_size=IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +101,7 @@ def test_split_images_disjoint_and_deterministic(tmp_path: Path) -> None:
 def test_trained_artifacts_shape_and_meta(trained, backbone: Backbone) -> None:
     for category, (artifacts, progress) in trained.items():
         assert artifacts.category == category and artifacts.expert_name == "patchcore"
-        assert artifacts.keys.shape == (MODEL.num_keys, backbone.channels(TASK_STAGE))
+        assert artifacts.keys.shape == (MODEL.num_keys, backbone.vit.embed_dim)
         assert artifacts.keys.dtype == np.float32
         assert len({k.tobytes() for k in artifacts.keys}) == MODEL.num_keys  # distinct keys
         assert artifacts.meta["num_fit_images"] == 9 and artifacts.meta["num_calibration_images"] == 3
