@@ -28,15 +28,24 @@ def pack(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
     return MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
 
 
-def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+def array_sizes(data: bytes) -> dict[str, int]:
+    """Bytes of each named array in a packed state, read from its header alone."""
+    return {name: spec["nbytes"] for name, spec in _header(data)[0]["arrays"].items()}
+
+
+def _header(data: bytes) -> tuple[dict, int]:
     if not data.startswith(MAGIC):
         raise ValueError("not a packed state (bad magic)")
     start = len(MAGIC)
     if len(data) < start + 4:
         raise ValueError("packed state truncated in its header")
     (header_len,) = struct.unpack_from("<I", data, start)
-    header = json.loads(data[start + 4 : start + 4 + header_len])
-    body = memoryview(data)[start + 4 + header_len :]
+    return json.loads(data[start + 4 : start + 4 + header_len]), start + 4 + header_len
+
+
+def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    header, body_start = _header(data)
+    body = memoryview(data)[body_start:]
     arrays = {}
     for name, spec in header["arrays"].items():
         raw = body[spec["offset"] : spec["offset"] + spec["nbytes"]]

@@ -67,6 +67,10 @@ class KnowledgeStore:
     def task_sizes(self) -> dict[str, int]:
         return {name: entry.size_bytes for name, entry in self.manifest().tasks.items()}
 
+    def size_report(self) -> dict[str, dict[str, int]]:
+        """Per task: total bytes and bytes per part (keys, prompt, knowledge, expert arrays, calibration)."""
+        return {name: {"total": e.size_bytes} | e.parts for name, e in self.manifest().tasks.items()}
+
     # ----------------------------------------------------------------------------------- writes
     def publish(self, task: TaskArtifacts) -> int:
         """Add or replace one task; returns the new store version."""
@@ -82,6 +86,7 @@ class KnowledgeStore:
                 expert=task.expert_name,
                 blobs=digests,
                 blob_sizes={kind: len(data) for kind, data in blobs.items()},
+                parts=task.parts(),
                 published_at=utc_now(),
             )
             return {**manifest.tasks, task.category: entry}
@@ -111,6 +116,7 @@ class KnowledgeStore:
                     "task_version": version,
                     "blobs": {**entry.blobs, "calibration": digest},
                     "blob_sizes": {**entry.blob_sizes, "calibration": len(data)},
+                    "parts": {**entry.parts, "calibration": len(data)},
                     "published_at": utc_now(),
                 }
             )

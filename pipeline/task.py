@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.calibration import Calibration
-from pipeline.serialization import pack, unpack
+from pipeline.serialization import array_sizes, pack, unpack
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,12 @@ class TaskArtifacts:
     expert_state: bytes  # Expert.to_bytes()
     calibration: Calibration
     meta: dict = field(default_factory=dict)  # provenance: train_dir, image counts, timings, config
+
+    def parts(self) -> dict[str, int]:
+        """Bytes per named part, the expert's state broken down by array (e.g. UCAD's prompt and knowledge)."""
+        blobs = self.blobs()
+        sizes = {kind: len(data) for kind, data in blobs.items() if kind != "expert"}
+        return sizes | {f"expert.{name}": n for name, n in array_sizes(blobs["expert"]).items()}
 
     def blobs(self) -> dict[str, bytes]:
         """The task as named byte blobs (see schemas.store.BLOB_KINDS); deterministic."""

@@ -8,6 +8,7 @@ synthetic anomalies made of them is kept (pipeline.expert_selection).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -78,7 +79,9 @@ def train_task(
         expert.fit(batches, backbone)
     del batches
     fit_seconds = time.perf_counter() - started
-    on_progress(0.8, f"{expert.name} fitted in {fit_seconds - features_seconds:.1f}s")
+    summary = expert.fit_summary()
+    on_progress(0.8, f"{expert.name} fitted in {fit_seconds - features_seconds:.1f}s"
+                     + (f" ({json.dumps(summary, separators=(',', ':'))})" if summary else ""))
 
     calibration = _calibrate(backbone, expert, keys, held_out_paths, model, training, false_alarm_rate)
     meta = {
@@ -88,6 +91,7 @@ def train_task(
         "num_calibration_images": len(held_out_paths),
         "fit_seconds": round(time.perf_counter() - started, 3),
         "expert_choice": choice,
+        "fit_summary": summary,
         "model_config": model.model_dump(),
     }
     on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})")
@@ -115,7 +119,7 @@ def _calibrate(backbone, expert, keys, paths, model: ModelConfig, training: Trai
     identifier = KeyTaskIdentifier({"self": keys}, {"self": float("inf")})
     scores, peaks, distances = [], [], []
     for batch in feature_batches(backbone, paths, model, training.batch_size):
-        output = expert.predict(batch)
+        output = expert.predict(batch, backbone)
         scores.extend(output.scores.tolist())
         peaks.extend(output.maps.reshape(len(output.maps), -1).max(axis=1).tolist())
         distances.extend(identifier.distances(task_features(batch))[:, 0].tolist())

@@ -19,6 +19,9 @@ class TaskEntry(BaseModel):
     expert: str
     blobs: dict[str, str] = Field(description="Blob kind -> sha256 hex digest.")
     blob_sizes: dict[str, int]
+    parts: dict[str, int] = Field(
+        default_factory=dict, description="Bytes per part: keys, calibration, meta and each array of the expert "
+        "state (expert.prompt, expert.knowledge, expert.bank ...).")
     published_at: AwareDatetime
 
     @property

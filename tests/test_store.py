@@ -235,6 +235,20 @@ def test_task_sizes_report_bytes(store: KnowledgeStore) -> None:
     assert sizes["brick"] > len(brick.expert_state) > 0
 
 
+
+def test_size_report_breaks_a_task_into_keys_prompt_and_knowledge(store: KnowledgeStore) -> None:
+    """A UCAD task: its expert state holds the prompt and the knowledge; the report names each part."""
+    from pipeline.serialization import pack
+
+    ucad = make_task("tile", seed=3)
+    state = pack({"expert": "ucad"}, {"prompt": np.zeros((8, 4, 16), np.float32), "knowledge": np.ones((50, 32), np.float32)})
+    ucad = TaskArtifacts(ucad.category, "ucad", ucad.keys, state, ucad.calibration, ucad.meta)
+    store.publish(ucad)
+    report = store.size_report()["tile"]
+    assert report["expert.prompt"] == 8 * 4 * 16 * 4 and report["expert.knowledge"] == 50 * 32 * 4
+    assert report["keys"] == len(ucad.blobs()["keys"]) and report["calibration"] == len(ucad.calibration.to_bytes())
+    assert report["total"] == store.task_sizes()["tile"]
+
 # ---------------------------------------------------------------------------------- concurrency
 def test_concurrent_publishers_all_land(stack, redis_client: redis.Redis) -> None:
     per_thread = 12

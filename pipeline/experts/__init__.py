@@ -6,6 +6,7 @@ from pipeline.experts.base import Expert, ExpertOutput
 from pipeline.experts.fcdd import FCDD, FCDDConfig
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
 from pipeline.experts.reverse_distillation import ReverseDistillation, ReverseDistillationConfig
+from pipeline.experts.ucad import UCAD, UCADConfig
 from schemas.config import ModelConfig
 
 # Order = preference on ties in the automatic choice.
@@ -13,6 +14,7 @@ EXPERT_TYPES: dict[str, type[Expert]] = {
     PatchCore.name: PatchCore,
     ReverseDistillation.name: ReverseDistillation,
     FCDD.name: FCDD,
+    UCAD.name: UCAD,
 }
 
 
@@ -33,6 +35,8 @@ def build_expert(name: str, config: ModelConfig) -> Expert:
         return ReverseDistillation(ReverseDistillationConfig(map_sigma=config.map_sigma, seed=config.seed))
     if name == FCDD.name:
         return FCDD(FCDDConfig(seed=config.seed))
+    if name == UCAD.name:
+        return UCAD(UCADConfig(num_neighbors=config.num_neighbors, map_sigma=config.map_sigma, seed=config.seed))
     raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
 
 

@@ -1,0 +1,182 @@
+"""UCAD as an Expert: a per-task prompt for the frozen ViT, trained alone with the structure-based
+contrastive loss on Segment-Anything regions, then knowledge = a coreset of prompted patch features,
+scored by nearest neighbours (PatchCore's memory bank). State as bytes: prompt + knowledge.
+
+Only the new task's prompt is trainable: the ViT is frozen and shared, other tasks' prompts live in
+their own stored state and are never loaded while fitting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.backbone import Backbone, FeatureBatch
+from pipeline.experts.base import Expert, ExpertOutput
+from pipeline.experts.patchcore.memory_bank import MemoryBank
+from pipeline.experts.ucad.torch_model import init_prompts, knowledge_features, structure_contrastive_loss
+from pipeline.serialization import pack, unpack
+
+# Image (H x W x 3 uint8) -> H x W int region labels, 0 = no region. Default: cached MobileSAM masks.
+RegionLabeler = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class UCADConfig:
+    knowledge_layers: tuple[int, ...] = (5, 7)  # ViT blocks (0-based) whose prompted tokens form the knowledge
+    prompt_tokens: int = 4  # prompt tokens per block (deep prompts on blocks 0..max(knowledge_layers))
+    prompt_images: int = 8  # training images that get Segment-Anything masks (several seconds each on CPU)
+    prompt_epochs: int = 6
+    prompt_batch_size: int = 4
+    learning_rate: float = 1e-3  # gentle: prompts start from small noise, and larger steps drifted features away
+    temperature: float = 0.1
+    sam_points_per_side: int = 8  # SAM's default is 32: 16x fewer mask decodes
+    coreset_ratio: float = 0.1
+    coreset_projection_dim: int = 64
+    max_coreset_size: int = 8000
+    num_neighbors: int = 3
+    map_sigma: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.knowledge_layers or list(self.knowledge_layers) != sorted(set(self.knowledge_layers)):
+            raise ValueError(f"knowledge_layers must be ascending and distinct, got {self.knowledge_layers}")
+        if min(self.prompt_tokens, self.prompt_images, self.prompt_batch_size) < 1 or self.prompt_epochs < 0:
+            raise ValueError("prompt_tokens, prompt_images and prompt_batch_size must be >= 1, prompt_epochs >= 0")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "UCADConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    @property
+    def prompt_layers(self) -> int:
+        return max(self.knowledge_layers) + 1
+
+
+@dataclass
+class PromptReport:
+    """What prompt training did, for the training events and the benchmark."""
+
+    image_indices: list[int]
+    mask_seconds: float
+    train_seconds: float
+    regions_per_image: list[int]
+    losses: list[float] = field(default_factory=list)  # mean loss per epoch
+
+
+class UCAD(Expert):
+    name = "ucad"
+
+    def __init__(self, config: UCADConfig = UCADConfig(), labeler: RegionLabeler | None = None):
+        self.config = config
+        self.labeler = labeler  # None: MobileSAM's automatic masks, cached on disk (built on first fit)
+        self.prompts: torch.Tensor | None = None  # L x N x D
+        self.memory: MemoryBank | None = None
+        self.report: PromptReport | None = None
+
+    # ----------------------------------------------------------------------------------- fitting
+    def fit(self, batches: Sequence[FeatureBatch], backbone: Backbone | None = None) -> None:
+        vit = _vit_of(backbone)
+        pixels = torch.cat([backbone.vit_pixels(b.pixels) for b in batches])
+        self.prompts, self.report = self._train_prompts(vit, pixels)
+        c = self.config
+        with torch.no_grad():
+            patches = torch.cat([self._features(backbone, pixels[i : i + 16]).flatten(0, 2) for i in range(0, len(pixels), 16)])
+        self.memory = MemoryBank.from_patches(patches, c.coreset_ratio, c.max_coreset_size, c.coreset_projection_dim, c.num_neighbors, c.seed)
+
+    def _train_prompts(self, vit, pixels: torch.Tensor) -> tuple[torch.Tensor, PromptReport]:
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+        # a prefix of one seeded permutation: fewer prompt images reuse the cached masks of more
+        chosen = sorted(rng.permutation(len(pixels))[: c.prompt_images].tolist())
+        started = time.perf_counter()
+        regions = torch.stack([self._patch_regions(pixels[i], vit.grid) for i in chosen])  # n x P
+        mask_seconds = time.perf_counter() - started
+        report = PromptReport(chosen, mask_seconds, 0.0, [int(r.unique().gt(0).sum()) for r in regions])
+
+        prompts = init_prompts(vit, pixels[chosen], c.prompt_layers, c.prompt_tokens, c.seed).to(vit.device).requires_grad_(True)
+        optimiser = torch.optim.Adam([prompts], lr=c.learning_rate)
+        generator = torch.Generator().manual_seed(c.seed)
+        contrast_layer = max(c.knowledge_layers)
+        train_pixels = pixels[chosen]
+        for _ in range(c.prompt_epochs):
+            order = torch.randperm(len(chosen), generator=generator)
+            losses = []
+            for start in range(0, len(order), c.prompt_batch_size):
+                rows = order[start : start + c.prompt_batch_size]
+                tokens = vit.patch_tokens(train_pixels[rows], contrast_layer, prompts)
+                loss = structure_contrastive_loss(tokens, regions[rows].to(tokens.device), c.temperature)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                losses.append(loss.item())
+            report.losses.append(float(np.mean(losses)))
+        report.train_seconds = time.perf_counter() - started - mask_seconds
+        return prompts.detach().cpu(), report
+
+    def _patch_regions(self, pixels: torch.Tensor, grid: int) -> torch.Tensor:
+        from pipeline.segmentation import patch_labels
+
+        image = (pixels.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        if self.labeler is None:
+            self.labeler = default_labeler(self.config.sam_points_per_side)
+        return torch.from_numpy(patch_labels(self.labeler(image), grid).reshape(-1).astype(np.int64))
+
+    def fit_summary(self) -> dict:
+        if self.report is None:
+            return {}
+        r = self.report
+        return {"prompt_images": len(r.image_indices), "mask_seconds": round(r.mask_seconds, 2),
+                "prompt_train_seconds": round(r.train_seconds, 2), "regions_per_image": r.regions_per_image,
+                "contrastive_loss_per_epoch": [round(x, 4) for x in r.losses],
+                "knowledge_size": 0 if self.memory is None else len(self.memory)}
+
+    # --------------------------------------------------------------------------------- inference
+    def _features(self, backbone: Backbone, vit_pixels: torch.Tensor) -> torch.Tensor:
+        vit = backbone.vit
+        return knowledge_features(vit, vit_pixels.to(vit.device), self.config.knowledge_layers, self.prompts.to(vit.device))
+
+    def predict(self, batch: FeatureBatch, backbone: Backbone | None = None) -> ExpertOutput:
+        if self.memory is None or self.prompts is None:
+            raise RuntimeError("UCAD.predict before fit/from_bytes")
+        _vit_of(backbone)
+        with torch.no_grad():
+            query = self._features(backbone, backbone.vit_pixels(batch.pixels))
+        scores, maps = self.memory.score(query, batch.image_size, self.config.map_sigma)
+        return ExpertOutput(scores=scores, maps=maps)
+
+    # ----------------------------------------------------------------------------------- storage
+    def to_bytes(self) -> bytes:
+        if self.memory is None or self.prompts is None:
+            raise RuntimeError("UCAD.to_bytes before fit")
+        meta = {"expert": self.name, "config": asdict(self.config)}
+        return pack(meta, {"prompt": self.prompts.numpy().astype(np.float32), "knowledge": self.memory.bank})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "UCAD":
+        meta, arrays = unpack(data)
+        if meta.get("expert") != cls.name:
+            raise ValueError(f"state is for expert {meta.get('expert')!r}, not {cls.name!r}")
+        expert = cls(UCADConfig.from_dict(meta["config"]))
+        expert.prompts = torch.from_numpy(arrays["prompt"])
+        expert.memory = MemoryBank(arrays["knowledge"], expert.config.num_neighbors)
+        return expert
+
+
+def default_labeler(points_per_side: int) -> RegionLabeler:
+    """MobileSAM's automatic masks with few points, cached per image (computed once per training image)."""
+    from pipeline.segmentation import MaskCache, MaskerConfig, StructureMasker
+
+    masker = StructureMasker(MaskerConfig(points_per_side=points_per_side))
+    cache = MaskCache()
+    return lambda image: cache.get_or_compute(image, masker)
+
+
+def _vit_of(backbone: Backbone | None):
+    if backbone is None or backbone.vit is None:
+        raise ValueError("UCAD needs the shared backbone with its ViT (Backbone.pretrained())")
+    return backbone.vit
