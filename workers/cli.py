@@ -90,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     bench.set_defaults(handler=_bench)
 
+    continual = commands.add_parser("continual", help="continual benchmark: tasks learnt in sequence, task inferred per frame")
+    continual.add_argument("--root", type=Path, default=Path("../shared/datasets"))
+    continual.add_argument("--category", action="append", default=None, help="default: every category under --root")
+    continual.add_argument("--synthetic", action="append", default=None,
+                           help="synthetic texture tasks appended to the sequence (default: brick, grass, gravel)")
+    continual.add_argument("--synthetic-dir", type=Path, default=Path(".stack/synthetic"))
+    continual.add_argument("--expert", default="ucad", help="expert of every task; 'auto' = automatic choice")
+    continual.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images)
+    continual.add_argument("--seed", type=int, default=ModelConfig().seed)
+    continual.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    continual.set_defaults(handler=_continual)
+
     demo = commands.add_parser("demo", help="the end-to-end demo on the local stack (README's first command)")
     demo.add_argument("--dataset-root", type=Path, default=Path("../shared/datasets"))
     demo.add_argument("--category", action="append", default=None, help="default: magnetic_tile, ball_screw")
@@ -157,7 +169,7 @@ def _worker(args: argparse.Namespace) -> int:
     worker_id = args.worker_id or f"{args.kind}-{os.getpid()}"
     stop = _stop_on_signals()
     registry = CollectorRegistry()
-    backbone = Backbone.pretrained(args.device)
+    backbone = Backbone.pretrained(args.device, image_size=ModelConfig().image_size)
     store = KnowledgeStore.from_url(args.redis_url)
     topics = TopicsConfig()
     if args.kind == "infer":
@@ -226,7 +238,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     model = ModelConfig(seed=args.seed)
     training = TrainingConfig(max_train_images=args.max_train_images)
-    backbone = Backbone.pretrained()
+    backbone = Backbone.pretrained(image_size=model.image_size)
     rows = []
     for category in args.category or discover_categories(args.root):
         rows += benchmark_category(
@@ -238,6 +250,32 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "max_train_images": args.max_train_images,
                                          "rows": rows_as_dicts(rows)}, indent=2))
+    return 0
+
+
+def _continual(args: argparse.Namespace) -> int:
+    from pipeline.backbone import Backbone
+    from pipeline.continual import TaskSource, markdown_report, run_continual_benchmark
+    from pipeline.datasets import SYNTHETIC_TEXTURES, discover_categories, write_synthetic_category
+
+    model = ModelConfig(seed=args.seed)
+    training = TrainingConfig(max_train_images=args.max_train_images)
+    root = args.root
+    sources = [TaskSource(c, root) for c in (args.category or (discover_categories(root) if root.is_dir() else []))]
+    for texture in args.synthetic or SYNTHETIC_TEXTURES:
+        name = f"synthetic_{texture}"
+        write_synthetic_category(args.synthetic_dir, name, texture, seed=args.seed)
+        sources.append(TaskSource(name, args.synthetic_dir))
+    report = run_continual_benchmark(
+        sources, Backbone.pretrained(image_size=model.image_size), model, training,
+        expert=None if args.expert == "auto" else args.expert,
+        on_step=lambda step: log.info("task %d (%s) learnt in %.1fs: %s", step.step + 1, step.added, step.train_seconds,
+                                      ", ".join(f"{t} AUROC {r['image_auroc']:.4f} task-ID {r['task_id_accuracy']:.4f}"
+                                                for t, r in step.rows.items())),
+    )
+    print(markdown_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2, default=str))
     return 0
 
 
