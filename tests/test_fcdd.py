@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pipeline.backbone import Backbone
 from pipeline.datasets import labeled_test_images, train_images, write_synthetic_category
 from pipeline.evaluation import roc_auc
+from pipeline.experts.base import config_from_dict
 from pipeline.experts.fcdd import FCDD, FCDDConfig
 from pipeline.experts.fcdd.torch_model import (
     FCDDHead,
@@ -87,7 +88,7 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         FCDDConfig(stages=(3, 2))
     config = FCDDConfig(hidden_channels=(8, 4), stages=(2,))
-    assert FCDDConfig.from_dict(dataclasses.asdict(config)) == config
+    assert config_from_dict(FCDDConfig, dataclasses.asdict(config)) == config
 
 
 def test_unfitted_expert_refuses() -> None:

@@ -15,6 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.backbone import Backbone, FeatureBatch
+from pipeline.serialization import unpack
 
 
 @dataclass
@@ -47,3 +48,16 @@ class Expert(ABC):
     @classmethod
     @abstractmethod
     def from_bytes(cls, data: bytes) -> "Expert": ...
+
+    @classmethod
+    def unpack_state(cls, data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+        """Meta and arrays of a packed state (pipeline.serialization), refusing another expert's state."""
+        meta, arrays = unpack(data)
+        if meta.get("expert") != cls.name:
+            raise ValueError(f"state is for expert {meta.get('expert')!r}, not {cls.name!r}")
+        return meta, arrays
+
+
+def config_from_dict(config_type: type, values: dict):
+    """A frozen config dataclass from its JSON form (JSON turned its tuples into lists)."""
+    return config_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.backbone import Backbone, FeatureBatch
-from pipeline.experts.base import Expert, ExpertOutput
+from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
 from pipeline.experts.fcdd.torch_model import (
     OUTPUT_STRIDE,
     FCDDHead,
@@ -19,7 +19,7 @@ from pipeline.experts.fcdd.torch_model import (
     per_sample_loss,
     receptive_upsample,
 )
-from pipeline.serialization import pack, unpack
+from pipeline.serialization import pack
 from pipeline.synthetic_anomalies import synthesize
 
 IMAGE_SCORES = ("mean", "max")
@@ -53,10 +53,6 @@ class FCDDConfig:
             raise ValueError("hidden_channels needs at least one width")
         if self.anomalies_per_image < 1 or self.batch_size < 1 or self.max_epochs < 1:
             raise ValueError("anomalies_per_image, batch_size and max_epochs must be at least 1")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "FCDDConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     @property
     def output_stride(self) -> int:
@@ -243,10 +239,8 @@ class FCDD(Expert):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "FCDD":
-        meta, arrays = unpack(data)
-        if meta.get("expert") != cls.name:
-            raise ValueError(f"state is for expert {meta.get('expert')!r}, not {cls.name!r}")
-        expert = cls(FCDDConfig.from_dict(meta["config"]))
+        meta, arrays = cls.unpack_state(data)
+        expert = cls(config_from_dict(FCDDConfig, meta["config"]))
         net = expert._build(meta["in_channels"])
         net.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
         expert.net = net.eval()

@@ -12,7 +12,7 @@ from pipeline.backbone import PATCH_STAGES, Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput
 from pipeline.experts.patchcore.memory_bank import MemoryBank
 from pipeline.experts.patchcore.torch_model import embed_patches
-from pipeline.serialization import pack, unpack
+from pipeline.serialization import pack
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,7 @@ class PatchCore(Expert):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "PatchCore":
-        meta, arrays = unpack(data)
-        if meta.get("expert") != cls.name:
-            raise ValueError(f"state is for expert {meta.get('expert')!r}, not {cls.name!r}")
+        meta, arrays = cls.unpack_state(data)
         expert = cls(PatchCoreConfig(**meta["config"]))
         expert.memory = MemoryBank(arrays["bank"], expert.config.num_neighbors)
         return expert

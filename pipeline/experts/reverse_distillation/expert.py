@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.backbone import Backbone, FeatureBatch
-from pipeline.experts.base import Expert, ExpertOutput
+from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
 from pipeline.experts.reverse_distillation.torch_model import (
     TEACHER_STAGES,
     ReverseDistillationNet,
@@ -20,7 +20,7 @@ from pipeline.experts.reverse_distillation.torch_model import (
     distillation_loss,
     per_image_loss,
 )
-from pipeline.serialization import pack, unpack
+from pipeline.serialization import pack
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,6 @@ class ReverseDistillationConfig:
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 1 or self.patience < 0:
             raise ValueError(f"max_epochs and batch_size must be >= 1, patience >= 0: {self}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ReverseDistillationConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 @dataclass
@@ -172,10 +168,8 @@ class ReverseDistillation(Expert):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ReverseDistillation":
-        meta, arrays = unpack(data)
-        if meta.get("expert") != cls.name:
-            raise ValueError(f"state is for expert {meta.get('expert')!r}, not {cls.name!r}")
-        expert = cls(ReverseDistillationConfig.from_dict(meta["config"]))
+        meta, arrays = cls.unpack_state(data)
+        expert = cls(config_from_dict(ReverseDistillationConfig, meta["config"]))
         net = expert._build(meta["channels"])
         net.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
         expert.net = net.eval()

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from pipeline.backbone import Backbone, FeatureBatch
-from pipeline.experts.base import Expert, ExpertOutput
+from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
 from pipeline.experts.patchcore.memory_bank import MemoryBank
 from pipeline.experts.ucad.torch_model import init_prompts, knowledge_features, structure_contrastive_loss
-from pipeline.serialization import pack, unpack
+from pipeline.serialization import pack
 
 # Image (H x W x 3 uint8) -> H x W int region labels, 0 = no region. Default: cached MobileSAM masks.
 RegionLabeler = Callable[[np.ndarray], np.ndarray]
@@ -47,10 +47,6 @@ class UCADConfig:
             raise ValueError(f"knowledge_layers must be ascending and distinct, got {self.knowledge_layers}")
         if min(self.prompt_tokens, self.prompt_images, self.prompt_batch_size) < 1 or self.prompt_epochs < 0:
             raise ValueError("prompt_tokens, prompt_images and prompt_batch_size must be >= 1, prompt_epochs >= 0")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "UCADConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     @property
     def prompt_layers(self) -> int:
@@ -158,10 +154,8 @@ class UCAD(Expert):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "UCAD":
-        meta, arrays = unpack(data)
-        if meta.get("expert") != cls.name:
-            raise ValueError(f"state is for expert {meta.get('expert')!r}, not {cls.name!r}")
-        expert = cls(UCADConfig.from_dict(meta["config"]))
+        meta, arrays = cls.unpack_state(data)
+        expert = cls(config_from_dict(UCADConfig, meta["config"]))
         expert.prompts = torch.from_numpy(arrays["prompt"])
         expert.memory = MemoryBank(arrays["knowledge"], expert.config.num_neighbors)
         return expert
