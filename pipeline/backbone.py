@@ -81,10 +81,12 @@ class Backbone(nn.Module):
         return self.net.feature_info.channels()[self.stage_ids.index(stage)]
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor) -> FeatureBatch:
+    def forward(self, pixels: torch.Tensor, keys: bool = True) -> FeatureBatch:
+        """`keys=False` skips the ViT key pass, for batches that never meet task identification
+        (synthetic anomalies, offline expert benchmarks)."""
         pixels = pixels.to(self.device, non_blocking=True)
         outputs = self.net((pixels - self.mean) / self.std)
-        tokens = None if self.vit is None else self.vit.patch_tokens(self.vit_pixels(pixels), KEY_LAYER)
+        tokens = self.vit.patch_tokens(self.vit_pixels(pixels), KEY_LAYER) if keys and self.vit is not None else None
         return FeatureBatch(pixels=pixels, stages=dict(zip(self.stage_ids, outputs)), tokens=tokens)
 
     def vit_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -94,9 +96,9 @@ class Backbone(nn.Module):
             return pixels
         return F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
-    def extract(self, images: list[np.ndarray]) -> FeatureBatch:
+    def extract(self, images: list[np.ndarray], keys: bool = True) -> FeatureBatch:
         """`images`: float32 3 x S x S arrays in [0, 1] (see pipeline.imaging.resize_rgb)."""
-        return self(torch.from_numpy(np.stack(images)))
+        return self(torch.from_numpy(np.stack(images)), keys)
 
 
 def _timm_state_dict(features_net: nn.Module) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ def benchmark_category(
     on_row: Callable[[BenchmarkRow], None] = lambda row: None,
 ) -> list[BenchmarkRow]:
     fit_paths, _held_out = split_images(train_images(root, category), training, model.seed, None)
-    fit_batches = list(feature_batches(backbone, fit_paths, model, training.batch_size))
+    fit_batches = list(feature_batches(backbone, fit_paths, model, training.batch_size, keys=False))
     tests = labeled_test_images(root, category)
     images = [decode_image(item.path.read_bytes(), _MAX_PIXELS) for item in tests]
     masks = [read_mask(item.mask_path, image.shape[:2]) for item, image in zip(tests, images)]
@@ -89,7 +89,7 @@ def _predict_all(expert, backbone: Backbone, images: list[np.ndarray], size: int
     scores, maps = [], []
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
-        batch = backbone.extract([resize_rgb(image, size) for image in images[start : start + batch_size]])
+        batch = backbone.extract([resize_rgb(image, size) for image in images[start : start + batch_size]], keys=False)
         output = expert.predict(batch, backbone)
         scores.extend(output.scores.tolist())
         maps.extend(output.maps)

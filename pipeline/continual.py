@@ -135,10 +135,10 @@ class ContinualRun:
         """Calibrated scores and maps of every frame of `test_set` under `task`'s expert (cached)."""
         key = (task, test_set)
         if key not in self._outputs:
-            self._outputs[key] = self._compute_outputs(task, test_set)
+            self._outputs[key] = self.compute_outputs(task, test_set)
         return self._outputs[key]
 
-    def _compute_outputs(self, task: str, test_set: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    def compute_outputs(self, task: str, test_set: str) -> tuple[np.ndarray, list[np.ndarray]]:
         expert, calibration = self.experts[task], self.artifacts[task].calibration
         scores, maps = [], []
         for batch in self.tests[test_set].batches:
@@ -206,7 +206,7 @@ def run_continual_benchmark(
         on_step(result)
     first = report.tasks[0]
     cached = run.outputs(first, first)
-    fresh = run._compute_outputs(first, first)
+    fresh = run.compute_outputs(first, first)
     if not np.allclose(cached[0], fresh[0], rtol=1e-5, atol=1e-6):
         raise AssertionError(f"task {first!r} scores its own frames differently after {len(sources) - 1} more tasks")
     report.oracle = {t: run.evaluate(t, None) | {"task_id_accuracy": 1.0} for t in report.tasks}

@@ -109,24 +109,26 @@ def _auroc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
 
 
+def _cumulative_counts(pos: np.ndarray, neg: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(positives, true positives, predicted positives) at each threshold "score >= t", highest first."""
+    tp = np.cumsum(pos)
+    return float(pos.sum()), tp, tp + np.cumsum(neg)
+
+
 def _ap_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
     """Step-wise AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds (sklearn's definition)."""
-    n_pos = pos.sum()
+    n_pos, tp, predicted = _cumulative_counts(pos, neg)
     if n_pos == 0:
         return float("nan")
-    tp = np.cumsum(pos)
-    predicted = tp + np.cumsum(neg)
     hit = pos > 0  # only thresholds where recall increases contribute; predicted > 0 there
     return float(np.sum(pos[hit] / n_pos * (tp[hit] / predicted[hit])))
 
 
 def _f1_max_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
     """max over thresholds "score >= t" of F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + P)."""
-    n_pos = pos.sum()
+    n_pos, tp, predicted = _cumulative_counts(pos, neg)
     if n_pos == 0:
         return float("nan")
-    tp = np.cumsum(pos)
-    predicted = tp + np.cumsum(neg)
     return float(np.max(2.0 * tp / (predicted + n_pos)))
 
 

@@ -49,7 +49,7 @@ def make_validation_set(backbone: Backbone, normal: list[FeatureBatch], seed: in
     anomalous, masks = [], []
     for batch in normal:
         pixels, batch_masks = synthesize(batch.pixels.cpu(), generator)
-        anomalous.append(backbone(pixels))
+        anomalous.append(backbone(pixels, keys=False))
         masks.extend(m.numpy() for m in batch_masks)
     return ValidationSet(normal, anomalous, masks)
 

@@ -44,9 +44,10 @@ def load_pixels(path: Path, image_size: int) -> np.ndarray:
     return resize_rgb(decode_image(path.read_bytes(), _MAX_TRAIN_PIXELS), image_size)
 
 
-def feature_batches(backbone: Backbone, paths: Sequence[Path], model: ModelConfig, batch_size: int) -> Iterator[FeatureBatch]:
+def feature_batches(backbone: Backbone, paths: Sequence[Path], model: ModelConfig, batch_size: int,
+                    keys: bool = True) -> Iterator[FeatureBatch]:
     for start in range(0, len(paths), batch_size):
-        yield backbone.extract([load_pixels(p, model.image_size) for p in paths[start : start + batch_size]])
+        yield backbone.extract([load_pixels(p, model.image_size) for p in paths[start : start + batch_size]], keys)
 
 
 def train_task(
@@ -64,15 +65,17 @@ def train_task(
     fit_paths, held_out_paths = split_images(list_images(train_dir), training, model.seed, max_train_images)
     on_progress(0.05, f"{len(fit_paths)} images to fit, {len(held_out_paths)} held out for calibration")
 
-    # One backbone pass over the fit images feeds both the expert and the keys.
+    # One backbone pass over the fit images feeds both the expert and the keys; one over the held-out
+    # images feeds the automatic choice (if any) and the calibration.
     batches = list(feature_batches(backbone, fit_paths, model, training.batch_size))
+    held_out = list(feature_batches(backbone, held_out_paths, model, training.batch_size))
     features_seconds = time.perf_counter() - started
-    on_progress(0.35, f"features of {len(fit_paths)} images in {features_seconds:.1f}s")
+    on_progress(0.35, f"features of {len(fit_paths) + len(held_out_paths)} images in {features_seconds:.1f}s")
 
     keys = select_keys(torch.cat([task_features(b) for b in batches]), model.num_keys, model.seed)
     choice: list[dict] = []
     if expert_name is None:
-        expert, results = _choose(batches, held_out_paths, backbone, model, training, on_progress)
+        expert, results = _choose(batches, held_out, backbone, model, on_progress)
         choice = [r.as_dict() for r in results]
     else:
         expert = build_expert(expert_name, model)
@@ -83,7 +86,7 @@ def train_task(
     on_progress(0.8, f"{expert.name} fitted in {fit_seconds - features_seconds:.1f}s"
                      + (f" ({json.dumps(summary, separators=(',', ':'))})" if summary else ""))
 
-    calibration = _calibrate(backbone, expert, keys, held_out_paths, model, training, false_alarm_rate)
+    calibration = _calibrate(backbone, expert, keys, held_out, model, false_alarm_rate)
     meta = {
         "train_dir": str(train_dir),
         "max_train_images": max_train_images,
@@ -98,10 +101,10 @@ def train_task(
     return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta)
 
 
-def _choose(batches, held_out_paths, backbone, model: ModelConfig, training: TrainingConfig, on_progress):
+def _choose(batches, held_out: list[FeatureBatch], backbone, model: ModelConfig, on_progress):
     """Automatic choice among every registered expert (see pipeline.expert_selection)."""
-    validation = make_validation_set(backbone, list(feature_batches(backbone, held_out_paths, model, training.batch_size)), model.seed)
-    on_progress(0.4, f"choosing among {list(EXPERT_TYPES)} on {len(held_out_paths)} held-out normal images "
+    validation = make_validation_set(backbone, held_out, model.seed)
+    on_progress(0.4, f"choosing among {list(EXPERT_TYPES)} on {sum(len(b.pixels) for b in held_out)} held-out normal images "
                      f"+ as many synthetic anomalies")
 
     def report(result) -> None:
@@ -115,10 +118,10 @@ def _choose(batches, held_out_paths, backbone, model: ModelConfig, training: Tra
     return expert, results
 
 
-def _calibrate(backbone, expert, keys, paths, model: ModelConfig, training: TrainingConfig, far: float) -> Calibration:
+def _calibrate(backbone, expert, keys, held_out: list[FeatureBatch], model: ModelConfig, far: float) -> Calibration:
     identifier = KeyTaskIdentifier({"self": keys}, {"self": float("inf")})
     scores, peaks, distances = [], [], []
-    for batch in feature_batches(backbone, paths, model, training.batch_size):
+    for batch in held_out:
         output = expert.predict(batch, backbone)
         scores.extend(output.scores.tolist())
         peaks.extend(output.maps.reshape(len(output.maps), -1).max(axis=1).tolist())

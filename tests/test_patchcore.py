@@ -8,27 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import datasets
-from pipeline.backbone import PATCH_STAGES, Backbone, FeatureBatch
-from pipeline.datasets import read_mask, train_images, write_synthetic_category
+from pipeline.backbone import Backbone, FeatureBatch
+from pipeline.datasets import write_synthetic_category
 from pipeline.evaluation import roc_auc
 from pipeline.experts import build_expert, load_expert
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
 from pipeline.experts.patchcore.torch_model import gaussian_blur, greedy_coreset
-from pipeline.training import load_pixels
 from schemas.config import ModelConfig
+from helpers import fit_and_predict
 
 IMAGE_SIZE = 128
 CATEGORY = "brick"  # the texture on which a pretrained backbone separates synthetic defects cleanly
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _labeled_test_images(root: Path, category: str):
-    # The reader of test/<defect> folders (named test_images in older code, which pytest would collect).
-    reader = getattr(datasets, "labeled_test_images", None) or getattr(datasets, "test_images")
-    return reader(root, category)
 
 
 def random_batch(n: int, seed: int, size: int = 64) -> FeatureBatch:
@@ -162,17 +155,8 @@ def brick(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _evaluate(backbone: Backbone, root: Path) -> dict:
-    train = [load_pixels(p, IMAGE_SIZE) for p in train_images(root, CATEGORY)]
     expert = build_expert("patchcore", ModelConfig(image_size=IMAGE_SIZE, coreset_ratio=0.1, seed=0))
-    expert.fit([backbone.extract(train[:5]), backbone.extract(train[5:])])
-    items = _labeled_test_images(root, CATEGORY)
-    output = expert.predict(backbone.extract([load_pixels(item.path, IMAGE_SIZE) for item in items]))
-    return {
-        "labels": [item.is_anomalous for item in items],
-        "masks": [read_mask(item.mask_path, (IMAGE_SIZE, IMAGE_SIZE)) for item in items],
-        "scores": output.scores,
-        "maps": output.maps,
-    }
+    return fit_and_predict(expert, backbone, root, CATEGORY, IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")

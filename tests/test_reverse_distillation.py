@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from pipeline.backbone import Backbone, FeatureBatch
-from pipeline.datasets import labeled_test_images, read_mask, train_images, write_synthetic_category
+from pipeline.datasets import write_synthetic_category
 from pipeline.evaluation import roc_auc
 from pipeline.experts.reverse_distillation import ReverseDistillation, ReverseDistillationConfig
 from pipeline.experts.reverse_distillation.expert import split_indices
 from pipeline.experts.reverse_distillation.torch_model import ReverseDistillationNet, anomaly_maps
 from pipeline.serialization import pack
-from pipeline.training import load_pixels
+from helpers import fit_and_predict
 
 IMAGE_SIZE = 128
 CATEGORY = "brick"
@@ -170,17 +170,8 @@ def brick(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _evaluate(backbone: Backbone, root: Path) -> dict:
-    train = [load_pixels(p, IMAGE_SIZE) for p in train_images(root, CATEGORY)]
-    batches = [backbone.extract(train[i : i + 8]) for i in range(0, len(train), 8)]
-    expert = fitted(ReverseDistillationConfig(max_epochs=12, seed=0), batches)
-    items = labeled_test_images(root, CATEGORY)
-    output = expert.predict(backbone.extract([load_pixels(item.path, IMAGE_SIZE) for item in items]))
-    return {
-        "labels": [item.is_anomalous for item in items],
-        "masks": [read_mask(item.mask_path, (IMAGE_SIZE, IMAGE_SIZE)) for item in items],
-        "scores": output.scores,
-        "maps": output.maps,
-    }
+    expert = ReverseDistillation(ReverseDistillationConfig(max_epochs=12, seed=0))
+    return fit_and_predict(expert, backbone, root, CATEGORY, IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-import torch
 
 from pipeline import datasets
 from pipeline.backbone import Backbone

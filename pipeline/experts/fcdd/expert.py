@@ -3,15 +3,15 @@ held-out normal images plus synthetic anomalies made of them, state as bytes."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from pipeline.backbone import Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
+from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, split_indices
 from pipeline.experts.fcdd.torch_model import (
     OUTPUT_STRIDE,
     FCDDHead,
@@ -57,27 +57,6 @@ class FCDDConfig:
     @property
     def output_stride(self) -> int:
         return OUTPUT_STRIDE[self.stages[0]]
-
-
-@dataclass
-class FitReport:
-    """What fit did: which of the given images it trained and validated on, and the loss curve."""
-
-    num_images: int
-    train_indices: list[int]
-    validation_indices: list[int]
-    best_epoch: int  # 0-based; the kept weights are those after this epoch
-    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, validation_loss, validation_auroc
-
-
-def split_indices(n: int, config: FCDDConfig) -> tuple[list[int], list[int]]:
-    """Deterministic (seeded) train / validation split of n images. With too few images to keep at least
-    two for training, nothing is held out and early stopping watches the training loss instead."""
-    n_val = max(config.min_validation_images, int(round(n * config.validation_fraction)))
-    if config.validation_fraction <= 0 or n - n_val < 2:
-        n_val = 0
-    order = np.random.default_rng(config.seed).permutation(n)
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -131,7 +110,7 @@ class FCDD(Expert):
             order_gen = _generator(cfg.seed, 3)
             pool_order = torch.randperm(len(pool_idx), generator=order_gen)
             pool_pos = 0
-            best_loss, best_epoch, best_state = math.inf, -1, None
+            stopping = EarlyStopping(cfg.patience)
             for epoch in range(cfg.max_epochs):
                 net.train()
                 order = train_t[torch.randperm(len(train_t), generator=order_gen)]
@@ -160,16 +139,12 @@ class FCDD(Expert):
                     record["validation_loss"], record["validation_auroc"] = self._validate(net, val_normal, val_anomalous)
                 history.append(record)
                 monitored = train_loss if record["validation_loss"] is None else record["validation_loss"]
-                if monitored < best_loss:
-                    best_loss, best_epoch = monitored, epoch
-                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                elif epoch - best_epoch >= cfg.patience:
+                if stopping.should_stop(epoch, monitored, net):
                     break
-            net.load_state_dict(best_state)
+            stopping.restore_best(net)
         self.net = net.cpu().eval()
-        self.summary = {"best_epoch": best_epoch, "epochs_run": len(history), "best_monitored_loss": best_loss,
-                        "num_images": n, "num_validation_images": len(val_idx)}  # fmt: skip
-        self.fit_report = FitReport(n, train_idx, val_idx, best_epoch, history)
+        self.summary = stopping.summary(len(history), n, len(val_idx))
+        self.fit_report = FitReport(n, train_idx, val_idx, stopping.best_epoch, history)
 
     def _embed_batches(self, batches: Sequence[FeatureBatch], device: torch.device) -> list[torch.Tensor]:
         return [torch.cat([b.stages[s] for b in batches]).float().to(device).clone() for s in self.config.stages]
@@ -179,7 +154,7 @@ class FCDD(Expert):
         chunks: list[list[torch.Tensor]] = [[] for _ in self.config.stages]
         for start in range(0, len(pixels), self.config.batch_size):
             anomalous, _ = synthesize(pixels[start : start + self.config.batch_size], generator)
-            stages = backbone(anomalous).stages
+            stages = backbone(anomalous, keys=False).stages
             for chunk, s in zip(chunks, self.config.stages):
                 chunk.append(stages[s].float().clone())
         return [torch.cat(chunk) for chunk in chunks]
@@ -228,21 +203,14 @@ class FCDD(Expert):
     def to_bytes(self) -> bytes:
         if self.net is None:
             raise RuntimeError("FCDD.to_bytes before fit")
-        arrays = {}
-        for key, value in self.net.state_dict().items():
-            value = value.detach().cpu()
-            # BN's num_batches_tracked stays an integer; every parameter and float buffer is float32
-            arrays[key] = value.numpy().astype(np.float32 if value.is_floating_point() else np.int64)
         meta = {"expert": self.name, "config": asdict(self.config), "in_channels": self.in_channels,
                 "summary": self.summary}  # fmt: skip
-        return pack(meta, arrays)
+        return pack(meta, module_arrays(self.net))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "FCDD":
         meta, arrays = cls.unpack_state(data)
         expert = cls(config_from_dict(FCDDConfig, meta["config"]))
-        net = expert._build(meta["in_channels"])
-        net.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
-        expert.net = net.eval()
+        expert.net = load_module_arrays(expert._build(meta["in_channels"]), arrays)
         expert.summary = meta.get("summary", {})
         return expert

@@ -3,16 +3,16 @@ state as bytes."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from pipeline.backbone import Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
+from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, split_indices
 from pipeline.experts.reverse_distillation.torch_model import (
     TEACHER_STAGES,
     ReverseDistillationNet,
@@ -40,27 +40,6 @@ class ReverseDistillationConfig:
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 1 or self.patience < 0:
             raise ValueError(f"max_epochs and batch_size must be >= 1, patience >= 0: {self}")
-
-
-@dataclass
-class FitReport:
-    """What fit did: which of the given images it trained and validated on, and the loss curve."""
-
-    num_images: int
-    train_indices: list[int]
-    validation_indices: list[int]
-    best_epoch: int  # 0-based; the kept weights are those after this epoch
-    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, validation_loss
-
-
-def split_indices(n: int, config: ReverseDistillationConfig) -> tuple[list[int], list[int]]:
-    """Deterministic (seeded) train / validation split of n images. With too few images to keep at least
-    two for training, nothing is held out and early stopping watches the training loss instead."""
-    n_val = max(config.min_validation_images, int(round(n * config.validation_fraction)))
-    if config.validation_fraction <= 0 or n - n_val < 2:
-        n_val = 0
-    order = np.random.default_rng(config.seed).permutation(n)
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
 @contextmanager
@@ -105,7 +84,7 @@ class ReverseDistillation(Expert):
                 net = self._build([t.shape[1] for t in teacher]).to(teacher[0].device)
                 optimizer = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, betas=cfg.betas)
                 order_gen = torch.Generator().manual_seed(cfg.seed)
-                best_loss, best_epoch, best_state = math.inf, -1, None
+                stopping = EarlyStopping(cfg.patience)
                 for epoch in range(cfg.max_epochs):
                     net.train()
                     order = train_t[torch.randperm(len(train_t), generator=order_gen)]
@@ -121,18 +100,12 @@ class ReverseDistillation(Expert):
                     train_loss = total / len(order)
                     val_loss = self._validation_loss(net, teacher, val_t) if len(val_idx) else None
                     history.append({"train_loss": train_loss, "validation_loss": val_loss})
-                    monitored = train_loss if val_loss is None else val_loss
-                    if monitored < best_loss:
-                        best_loss, best_epoch = monitored, epoch
-                        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                    elif epoch - best_epoch >= cfg.patience:
+                    if stopping.should_stop(epoch, train_loss if val_loss is None else val_loss, net):
                         break
-            if best_state is not None:  # None only if every monitored loss was NaN: keep the last weights
-                net.load_state_dict(best_state)
+            stopping.restore_best(net)
         self.net = net.cpu().eval()
-        self.summary = {"best_epoch": best_epoch, "epochs_run": len(history), "best_monitored_loss": best_loss,
-                        "num_images": n, "num_validation_images": len(val_idx)}  # fmt: skip
-        self.fit_report = FitReport(n, train_idx, val_idx, best_epoch, history)
+        self.summary = stopping.summary(len(history), n, len(val_idx))
+        self.fit_report = FitReport(n, train_idx, val_idx, stopping.best_epoch, history)
 
     def _validation_loss(self, net: ReverseDistillationNet, teacher: list[torch.Tensor], idx: torch.Tensor) -> float:
         net.eval()
@@ -157,21 +130,14 @@ class ReverseDistillation(Expert):
     def to_bytes(self) -> bytes:
         if self.net is None:
             raise RuntimeError("ReverseDistillation.to_bytes before fit")
-        arrays = {}
-        for key, value in self.net.state_dict().items():
-            value = value.detach().cpu()
-            # BN's num_batches_tracked stays an integer; every parameter and float buffer is float32
-            arrays[key] = value.numpy().astype(np.float32 if value.is_floating_point() else np.int64)
         meta = {"expert": self.name, "config": asdict(self.config), "channels": list(self.channels),
                 "summary": self.summary}  # fmt: skip
-        return pack(meta, arrays)
+        return pack(meta, module_arrays(self.net))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ReverseDistillation":
         meta, arrays = cls.unpack_state(data)
         expert = cls(config_from_dict(ReverseDistillationConfig, meta["config"]))
-        net = expert._build(meta["channels"])
-        net.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
-        expert.net = net.eval()
+        expert.net = load_module_arrays(expert._build(meta["channels"]), arrays)
         expert.summary = meta.get("summary", {})
         return expert

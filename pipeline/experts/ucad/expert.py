@@ -19,6 +19,7 @@ from pipeline.backbone import Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
 from pipeline.experts.patchcore.memory_bank import MemoryBank
 from pipeline.experts.ucad.torch_model import init_prompts, knowledge_features, structure_contrastive_loss
+from pipeline.segmentation import MaskCache, MaskerConfig, StructureMasker, patch_labels
 from pipeline.serialization import pack
 
 # Image (H x W x 3 uint8) -> H x W int region labels, 0 = no region. Default: cached MobileSAM masks.
@@ -115,8 +116,6 @@ class UCAD(Expert):
         return prompts.detach().cpu(), report
 
     def _patch_regions(self, pixels: torch.Tensor, grid: int) -> torch.Tensor:
-        from pipeline.segmentation import patch_labels
-
         image = (pixels.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         if self.labeler is None:
             self.labeler = default_labeler(self.config.sam_points_per_side)
@@ -163,8 +162,6 @@ class UCAD(Expert):
 
 def default_labeler(points_per_side: int) -> RegionLabeler:
     """MobileSAM's automatic masks with few points, cached per image (computed once per training image)."""
-    from pipeline.segmentation import MaskCache, MaskerConfig, StructureMasker
-
     masker = StructureMasker(MaskerConfig(points_per_side=points_per_side))
     cache = MaskCache()
     return lambda image: cache.get_or_compute(image, masker)

@@ -1,0 +1,25 @@
+"""Plain helpers shared by test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.backbone import Backbone
+from pipeline.datasets import labeled_test_images, read_mask, train_images
+from pipeline.experts import Expert
+from pipeline.training import load_pixels
+
+
+def fit_and_predict(expert: Expert, backbone: Backbone, root: Path, category: str, image_size: int) -> dict:
+    """Fit `expert` on a category's normal training images (batches of 8) and run it on its test set:
+    labels, masks at the input size, scores and maps."""
+    train = [load_pixels(p, image_size) for p in train_images(root, category)]
+    expert.fit([backbone.extract(train[i : i + 8]) for i in range(0, len(train), 8)], backbone)
+    items = labeled_test_images(root, category)
+    output = expert.predict(backbone.extract([load_pixels(item.path, image_size) for item in items]))
+    return {
+        "labels": [item.is_anomalous for item in items],
+        "masks": [read_mask(item.mask_path, (image_size, image_size)) for item in items],
+        "scores": output.scores,
+        "maps": output.maps,
+    }
