@@ -17,12 +17,7 @@ def roc_auc(labels: Sequence[bool | int], scores: Sequence[float]) -> float:
 
     Mann-Whitney U from ranks, tied scores sharing their mid-rank, which equals the trapezoidal AUC.
     """
-    positive = np.asarray(labels).astype(bool).ravel()
-    values = np.asarray(scores, dtype=np.float64).ravel()
-    if positive.shape != values.shape:
-        raise ValueError(f"{positive.size} labels but {values.size} scores")
-    if np.isnan(values).any():
-        raise ValueError("scores contain NaN")
+    positive, values = _check_binary_scores(labels, scores)
     n_pos = int(positive.sum())
     n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:

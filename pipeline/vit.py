@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +27,13 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from pipeline.assets import DINOV2_VIT_S14_ONNX, AssetError, sha256_of, verified_path
+from pipeline.local_files import cache_root, write_atomically
 
 log = logging.getLogger(__name__)
 
 _TIMM_NAME = "vit_small_patch14_dinov2"
 PATCH_SIZE = 14
 NATIVE_IMAGE_SIZE = 518  # HF Dinov2 position embeddings: 37 x 37 grid + CLS
-CACHE_ENV = "INSPECTION_CACHE_DIR"
 
 # HF tensors with no timm counterpart, skipped on purpose (anything else left over is an error).
 _SKIPPED_NAMES = frozenset({"backbone.embeddings.mask_token"})  # masked-image pretraining only
@@ -185,11 +183,6 @@ def convert_dinov2_onnx(onnx_path: Path) -> dict[str, torch.Tensor]:
     return map_dinov2_initializers(read_onnx_initializers(onnx_path), timm_target_shapes(NATIVE_IMAGE_SIZE))
 
 
-def default_cache_dir() -> Path:
-    """$INSPECTION_CACHE_DIR, else ~/.cache/continual-inspection (as the Kafka jar cache)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "continual-inspection").expanduser()
-
-
 def converted_state_dict(cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """The converted weights, converted once per ONNX checksum and cached with a checksum of their own.
 
@@ -197,7 +190,7 @@ def converted_state_dict(cache_dir: Path | None = None) -> dict[str, torch.Tenso
     its sidecar checksum (torn copy, disk error, someone's edit) is converted again, never trusted.
     """
     onnx_path = verified_path(DINOV2_VIT_S14_ONNX)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = Path(cache_dir) if cache_dir is not None else cache_root()
     cached = folder / f"{_TIMM_NAME}-{DINOV2_VIT_S14_ONNX.sha256[:12]}.pt"
     sidecar = cached.with_name(cached.name + ".sha256")
     if cached.is_file():
@@ -214,24 +207,9 @@ def converted_state_dict(cache_dir: Path | None = None) -> dict[str, torch.Tenso
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(cached, data)
-    _write_atomically(sidecar, f"{hashlib.sha256(data).hexdigest()}  {cached.name}\n".encode())
+    write_atomically(cached, data)
+    write_atomically(sidecar, f"{hashlib.sha256(data).hexdigest()}  {cached.name}\n".encode())
     return state
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one, never a partial write."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ViTBackbone(nn.Module):

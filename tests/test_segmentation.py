@@ -14,9 +14,9 @@ from PIL import Image
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
+from pipeline.local_files import CACHE_ENV
 from pipeline.assets import MOBILE_SAM, AssetError, WeightAsset, verified_path
 from pipeline.segmentation import MaskCache, MaskerConfig, StructureMasker, build_mobile_sam, patch_labels
-from pipeline.segmentation import cache as cache_module
 from pipeline.segmentation import sam as sam_module
 from pipeline.segmentation.masker import paint_label_map, resize_nearest
 from pipeline.segmentation.tiny_vit import relative_offset_index
@@ -221,7 +221,7 @@ def test_corrupt_cache_file_is_recomputed(tmp_path: Path) -> None:
 def test_default_cache_directory_follows_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(cache_module.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     assert MaskCache().directory == tmp_path / "sam-masks"
-    monkeypatch.delenv(cache_module.CACHE_ENV)
+    monkeypatch.delenv(CACHE_ENV)
     assert MaskCache().directory == Path.home() / ".cache" / "continual-inspection" / "sam-masks"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.local_files import CACHE_ENV
 from pipeline import vit
 from pipeline.assets import AssetError, sha256_of
 from pipeline.vit import OnnxInitializers, ViTBackbone
@@ -147,7 +148,7 @@ def test_cache_reuse_and_corruption(
         return converted
 
     monkeypatch.setattr(vit, "convert_dinov2_onnx", counting_convert)
-    monkeypatch.setenv(vit.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     vit.converted_state_dict()  # default folder: $INSPECTION_CACHE_DIR
     cached = tmp_path / f"vit_small_patch14_dinov2-{vit.DINOV2_VIT_S14_ONNX.sha256[:12]}.pt"
     sidecar = tmp_path / (cached.name + ".sha256")

@@ -35,6 +35,7 @@ from typing import Any
 import redis
 from kafka import KafkaAdminClient
 
+from pipeline.local_files import cache_root, write_atomically
 from schemas.config import StackConfig, TopicsConfig
 from workers.kafka_io import ensure_topics
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.1"
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
-_CACHE_ENV = "INSPECTION_CACHE_DIR"
 
 
 class StackError(RuntimeError):
@@ -67,8 +67,7 @@ class _Server:
 
 def cache_dir() -> Path:
     """Where the Kafka jars are cached once per machine ($INSPECTION_CACHE_DIR replaces the base)."""
-    base = os.environ.get(_CACHE_ENV) or Path.home() / ".cache" / "continual-inspection"
-    return Path(base).expanduser() / f"kafka-{KAFKA_VERSION}"
+    return cache_root() / f"kafka-{KAFKA_VERSION}"
 
 
 def ensure_kafka_jars(target: Path | None = None, pom: Path = DEPLOY_DIR / "pom.xml") -> Path:
@@ -326,7 +325,7 @@ class LocalStack:
 
     def _prometheus_command(self, home: Path) -> list[str]:
         if not self.targets_file.exists():
-            _write_atomically(self.targets_file, "[]\n")
+            write_atomically(self.targets_file, b"[]\n")
         config = home / "prometheus.yml"
         config.write_text(self._prometheus_config())
         return ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={home / 'data'}",
@@ -500,7 +499,7 @@ class LocalStack:
                 entries = json.loads(self.targets_file.read_text())
             except (FileNotFoundError, json.JSONDecodeError):
                 entries = []
-            _write_atomically(self.targets_file, json.dumps(edit(entries), indent=2) + "\n")
+            write_atomically(self.targets_file, (json.dumps(edit(entries), indent=2) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -510,15 +509,6 @@ def _target(name: str, host_port: str) -> dict[str, Any]:
 
 def _without(entries: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [entry for entry in entries if entry.get("labels", {}).get("worker") != name]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp makes it private; other readers (Prometheus, users) need it
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _java(libs: Path, log_file: Path, options: list[str] | None = None) -> list[str]:

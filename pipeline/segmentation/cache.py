@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -22,9 +21,9 @@ import numpy as np
 
 from pipeline.assets import MOBILE_SAM
 from pipeline.imaging import decode_image
+from pipeline.local_files import cache_root, write_atomically
 from pipeline.segmentation.masker import MaskerConfig
 
-CACHE_ENV = "INSPECTION_CACHE_DIR"  # cache root shared with the rest of the project
 LABEL_MAP_FORMAT = 1  # bump when the meaning of a stored label map changes
 MAX_IMAGE_PIXELS = 100_000_000
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -39,8 +38,7 @@ class LabelMapper(Protocol):
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "continual-inspection"
-    return Path(root) / "sam-masks"
+    return cache_root() / "sam-masks"
 
 
 def config_digest(config: MaskerConfig) -> str:
@@ -103,13 +101,8 @@ class MaskCache:
             return None
         return label_map
 
-    def _write(self, path: Path, label_map: np.ndarray) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=path.stem, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.savez_compressed(file, label_map=label_map)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+    @staticmethod
+    def _write(path: Path, label_map: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, label_map=label_map)
+        write_atomically(path, buffer.getvalue())
