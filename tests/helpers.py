@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.backbone import Backbone
-from pipeline.datasets import labeled_test_images, read_mask, train_images
+from pipeline.features.backbone import Backbone
+from pipeline.data.datasets import labeled_test_images, read_mask, train_images
 from pipeline.experts import Expert
-from pipeline.training import load_pixels
+from pipeline.core.training import load_pixels
 
 
 def fit_and_predict(expert: Expert, backbone: Backbone, root: Path, category: str, image_size: int) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.calibration import Calibration
+from pipeline.core.calibration import Calibration
 
 
 def _calibration(scores, far: float = 0.1, peaks=None, distances=(1.0, 3.0, 2.0), slack: float = 1.5) -> Calibration:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.backbone import Backbone
-from pipeline.calibration import Calibration
-from pipeline.continual import (
+from pipeline.features.backbone import Backbone
+from pipeline.core.calibration import Calibration
+from pipeline.evaluation.continual import (
     METRICS,
     StepResult,
     TaskSource,
@@ -16,8 +16,8 @@ from pipeline.continual import (
     run_continual_benchmark,
     synthetic_task_keys,
 )
-from pipeline.datasets import SYNTHETIC_TEXTURES, write_synthetic_category
-from pipeline.task import TaskArtifacts
+from pipeline.data.datasets import SYNTHETIC_TEXTURES, write_synthetic_category
+from pipeline.core.task import TaskArtifacts
 from schemas.config import ModelConfig, TrainingConfig
 
 IMAGE_SIZE = 112

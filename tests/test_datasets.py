@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from pipeline.datasets import (
+from pipeline.data.datasets import (
     SYNTHETIC_DEFECT,
     SYNTHETIC_TEXTURES,
     LabeledImage,
@@ -17,8 +17,8 @@ from pipeline.datasets import (
     train_images,
     write_synthetic_category,
 )
-from pipeline.datasets import _add_defects, _normal_image
-from pipeline.imaging import decode_image, encode_png
+from pipeline.data.datasets import _add_defects, _normal_image
+from pipeline.features.imaging import decode_image, encode_png
 
 REAL_DATASETS = Path("/work/shared/datasets")
 SMALL = dict(n_train=4, n_test_good=3, n_test_defect=6, size=96)

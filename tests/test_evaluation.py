@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from pipeline.evaluation import (
+from pipeline.data.metrics import (
     accuracy,
     average_precision,
     f1_max,

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import Backbone
-from pipeline.datasets import labeled_test_images, train_images, write_synthetic_category
-from pipeline.evaluation import roc_auc
+from pipeline.features.backbone import Backbone
+from pipeline.data.datasets import labeled_test_images, train_images, write_synthetic_category
+from pipeline.data.metrics import roc_auc
 from pipeline.experts.base import config_from_dict
 from pipeline.experts.fcdd import FCDD, FCDDConfig
 from pipeline.experts.fcdd.torch_model import (
@@ -24,7 +24,7 @@ from pipeline.experts.fcdd.torch_model import (
     pseudo_huber,
     receptive_upsample,
 )
-from pipeline.training import load_pixels
+from pipeline.core.training import load_pixels
 
 IMAGE_SIZE = 128
 CATEGORY = "brick"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.imaging import (
+from pipeline.features.imaging import (
     ImageDecodeError,
     anomaly_map_to_png,
     decode_image,

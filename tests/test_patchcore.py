@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbone import Backbone, FeatureBatch
-from pipeline.datasets import write_synthetic_category
-from pipeline.evaluation import roc_auc
+from pipeline.features.backbone import Backbone, FeatureBatch
+from pipeline.data.datasets import write_synthetic_category
+from pipeline.data.metrics import roc_auc
 from pipeline.experts import build_expert, load_expert
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
 from pipeline.experts.patchcore.torch_model import gaussian_blur, greedy_coreset
@@ -122,7 +122,7 @@ def test_state_errors() -> None:
         PatchCore().to_bytes()
     with pytest.raises(RuntimeError):
         PatchCore().predict(random_batch(1, seed=0))
-    from pipeline.serialization import pack
+    from pipeline.common.serialization import pack
 
     with pytest.raises(ValueError, match="expert"):
         PatchCore.from_bytes(pack({"expert": "padim", "config": {}}, {"bank": np.zeros((2, 2), np.float32)}))

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbone import Backbone, FeatureBatch
-from pipeline.datasets import write_synthetic_category
-from pipeline.evaluation import roc_auc
+from pipeline.features.backbone import Backbone, FeatureBatch
+from pipeline.data.datasets import write_synthetic_category
+from pipeline.data.metrics import roc_auc
 from pipeline.experts.reverse_distillation import ReverseDistillation, ReverseDistillationConfig
 from pipeline.experts.reverse_distillation.expert import split_indices
 from pipeline.experts.reverse_distillation.torch_model import ReverseDistillationNet, anomaly_maps
-from pipeline.serialization import pack
+from pipeline.common.serialization import pack
 from helpers import fit_and_predict
 
 IMAGE_SIZE = 128

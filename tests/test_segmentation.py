@@ -14,12 +14,12 @@ from PIL import Image
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
-from pipeline.local_files import CACHE_ENV
-from pipeline.assets import MOBILE_SAM, AssetError, WeightAsset, verified_path
-from pipeline.segmentation import MaskCache, MaskerConfig, StructureMasker, build_mobile_sam, patch_labels
-from pipeline.segmentation import sam as sam_module
-from pipeline.segmentation.masker import paint_label_map, resize_nearest
-from pipeline.segmentation.tiny_vit import relative_offset_index
+from pipeline.common.local_files import CACHE_ENV
+from pipeline.common.assets import MOBILE_SAM, AssetError, WeightAsset, verified_path
+from pipeline.features.segmentation import MaskCache, MaskerConfig, StructureMasker, build_mobile_sam, patch_labels
+from pipeline.features.segmentation import sam as sam_module
+from pipeline.features.segmentation.masker import paint_label_map, resize_nearest
+from pipeline.features.segmentation.tiny_vit import relative_offset_index
 
 RECTANGLES = [(30, 30, 130, 160), (40, 200, 140, 300), (170, 80, 225, 260)]  # y0, x0, y1, x1 in 240 x 320
 RECTANGLE_COLOURS = [(220, 40, 40), (40, 200, 60), (60, 80, 230)]

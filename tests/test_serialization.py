@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.serialization import MAGIC, pack, unpack
+from pipeline.common.serialization import MAGIC, pack, unpack
 
 
 def _arrays(seed: int = 0) -> dict[str, np.ndarray]:

@@ -10,11 +10,11 @@ import pytest
 import redis
 import torch
 
-from pipeline.backbone import FeatureBatch
-from pipeline.calibration import Calibration
+from pipeline.features.backbone import FeatureBatch
+from pipeline.core.calibration import Calibration
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
-from pipeline.store import KnowledgeStore, StoreError
-from pipeline.task import TaskArtifacts
+from pipeline.core.store import KnowledgeStore, StoreError
+from pipeline.core.task import TaskArtifacts
 from schemas.store import BLOB_KINDS
 
 pytestmark = pytest.mark.integration
@@ -238,7 +238,7 @@ def test_task_sizes_report_bytes(store: KnowledgeStore) -> None:
 
 def test_size_report_breaks_a_task_into_keys_prompt_and_knowledge(store: KnowledgeStore) -> None:
     """A UCAD task: its expert state holds the prompt and the knowledge; the report names each part."""
-    from pipeline.serialization import pack
+    from pipeline.common.serialization import pack
 
     ucad = make_task("tile", seed=3)
     state = pack({"expert": "ucad"}, {"prompt": np.zeros((8, 4, 16), np.float32), "knowledge": np.ones((50, 32), np.float32)})

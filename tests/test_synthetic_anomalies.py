@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.synthetic_anomalies import CONFETTI_TOLERANCE, confetti_noise, cut_paste, synthesize
+from pipeline.data.synthetic_anomalies import CONFETTI_TOLERANCE, confetti_noise, cut_paste, synthesize
 
 GENERATORS = {"confetti_noise": confetti_noise, "cut_paste": cut_paste, "synthesize": synthesize}
 SIZE = 96

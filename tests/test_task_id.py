@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.task_id import KeyTaskIdentifier, farthest_point_sampling, select_keys
+from pipeline.core.task_id import KeyTaskIdentifier, farthest_point_sampling, select_keys
 
 
 # ------------------------------------------------------------------------------ farthest points

@@ -9,16 +9,16 @@ import pytest
 import redis
 
 from pipeline import datasets
-from pipeline.backbone import Backbone
-from pipeline.datasets import list_images, write_synthetic_category
-from pipeline.evaluation import accuracy
+from pipeline.features.backbone import Backbone
+from pipeline.data.datasets import list_images, write_synthetic_category
+from pipeline.data.metrics import accuracy
 from pipeline.experts import EXPERT_TYPES, load_expert
-from pipeline.imaging import decode_image
-from pipeline.inspector import Inspector
-from pipeline.store import KnowledgeStore
-from pipeline.task import TaskArtifacts
-from pipeline.task_id import KeyTaskIdentifier, task_features
-from pipeline.training import feature_batches, split_images, train_task
+from pipeline.features.imaging import decode_image
+from pipeline.core.inspector import Inspector
+from pipeline.core.store import KnowledgeStore
+from pipeline.core.task import TaskArtifacts
+from pipeline.core.task_id import KeyTaskIdentifier, task_features
+from pipeline.core.training import feature_batches, split_images, train_task
 from schemas.config import ModelConfig, TrainingConfig
 
 IMAGE_SIZE = 128

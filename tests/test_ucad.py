@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbone import Backbone
-from pipeline.calibration import Calibration
-from pipeline.datasets import labeled_test_images, train_images, write_synthetic_category
-from pipeline.evaluation import roc_auc
+from pipeline.features.backbone import Backbone
+from pipeline.core.calibration import Calibration
+from pipeline.data.datasets import labeled_test_images, train_images, write_synthetic_category
+from pipeline.data.metrics import roc_auc
 from pipeline.experts import build_expert, load_expert
 from pipeline.experts.ucad import UCAD, UCADConfig
 from pipeline.experts.ucad.torch_model import structure_contrastive_loss
-from pipeline.imaging import decode_image
-from pipeline.inspector import Inspector
-from pipeline.store import KnowledgeStore
-from pipeline.task import TaskArtifacts
-from pipeline.task_id import select_keys, task_features
-from pipeline.training import load_pixels
-from pipeline.vit import ViTBackbone
+from pipeline.features.imaging import decode_image
+from pipeline.core.inspector import Inspector
+from pipeline.core.store import KnowledgeStore
+from pipeline.core.task import TaskArtifacts
+from pipeline.core.task_id import select_keys, task_features
+from pipeline.core.training import load_pixels
+from pipeline.features.vit import ViTBackbone
 from schemas.config import ModelConfig
 
 IMAGE_SIZE = 112  # an 8 x 8 ViT token grid: small and quick

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.local_files import CACHE_ENV
+from pipeline.common.local_files import CACHE_ENV
 from pipeline import vit
-from pipeline.assets import AssetError, sha256_of
-from pipeline.vit import OnnxInitializers, ViTBackbone
+from pipeline.common.assets import AssetError, sha256_of
+from pipeline.features.vit import OnnxInitializers, ViTBackbone
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,9 +21,9 @@ import pytest
 import redis
 from PIL import Image
 
-from pipeline.datasets import labeled_test_images, write_synthetic_category
-from pipeline.imaging import encode_png
-from pipeline.store import KnowledgeStore
+from pipeline.data.datasets import labeled_test_images, write_synthetic_category
+from pipeline.features.imaging import encode_png
+from pipeline.core.store import KnowledgeStore
 from schemas.config import TopicsConfig
 from schemas.messages import (
     AddCategory,
@@ -272,7 +272,7 @@ def _publish_slowly(line: Line, frames: list[Frame], rate: float) -> None:
 
 
 def _jpeg_bytes(data: Path) -> bytes:
-    from pipeline.imaging import decode_image, encode_jpeg
+    from pipeline.features.imaging import decode_image, encode_jpeg
 
     item = labeled_test_images(data, "brick")[0]
     return encode_jpeg(decode_image(item.path.read_bytes(), 10**8))

@@ -160,8 +160,8 @@ def _worker(args: argparse.Namespace) -> int:
     import torch
     from prometheus_client import CollectorRegistry
 
-    from pipeline.backbone import Backbone
-    from pipeline.store import KnowledgeStore
+    from pipeline.features.backbone import Backbone
+    from pipeline.core.store import KnowledgeStore
     from workers.metrics import ControlMetrics, InferenceMetrics, serve
 
     if args.threads:
@@ -173,7 +173,7 @@ def _worker(args: argparse.Namespace) -> int:
     store = KnowledgeStore.from_url(args.redis_url)
     topics = TopicsConfig()
     if args.kind == "infer":
-        from pipeline.inspector import Inspector
+        from pipeline.core.inspector import Inspector
         from workers.inference import InferenceWorker
 
         config = InferenceConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
@@ -231,9 +231,9 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.backbone import Backbone
-    from pipeline.benchmark import benchmark_category, markdown_table, rows_as_dicts
-    from pipeline.datasets import discover_categories
+    from pipeline.features.backbone import Backbone
+    from pipeline.evaluation.benchmark import benchmark_category, markdown_table, rows_as_dicts
+    from pipeline.data.datasets import discover_categories
     from pipeline.experts import EXPERT_TYPES
 
     model = ModelConfig(seed=args.seed)
@@ -254,9 +254,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _continual(args: argparse.Namespace) -> int:
-    from pipeline.backbone import Backbone
-    from pipeline.continual import TaskSource, markdown_report, run_continual_benchmark
-    from pipeline.datasets import SYNTHETIC_TEXTURES, discover_categories, write_synthetic_category
+    from pipeline.features.backbone import Backbone
+    from pipeline.evaluation.continual import TaskSource, markdown_report, run_continual_benchmark
+    from pipeline.data.datasets import SYNTHETIC_TEXTURES, discover_categories, write_synthetic_category
 
     model = ModelConfig(seed=args.seed)
     training = TrainingConfig(max_train_images=args.max_train_images)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from pipeline.backbone import Backbone
-from pipeline.store import KnowledgeStore, StoreError
-from pipeline.training import train_task
+from pipeline.features.backbone import Backbone
+from pipeline.core.store import KnowledgeStore, StoreError
+from pipeline.core.training import train_task
 from schemas.config import ControlConfig, ModelConfig, TopicsConfig, TrainingConfig
 from schemas.messages import (
     AddCategory,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import SYNTHETIC_TEXTURES, discover_categories, write_synthetic_category
-from pipeline.evaluation import latency_summary, roc_auc
+from pipeline.data.datasets import SYNTHETIC_TEXTURES, discover_categories, write_synthetic_category
+from pipeline.data.metrics import latency_summary, roc_auc
 from schemas.config import StackConfig, TopicsConfig
 from schemas.messages import AddCategory, Decision, InspectionResult
 from workers.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes

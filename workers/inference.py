@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import CommitFailedError
 
-from pipeline.imaging import ImageDecodeError, anomaly_map_to_png, decode_image, find_boxes
-from pipeline.inspector import BatchTimings, Inspection, Inspector
-from pipeline.store import KnowledgeStore
+from pipeline.features.imaging import ImageDecodeError, anomaly_map_to_png, decode_image, find_boxes
+from pipeline.core.inspector import BatchTimings, Inspection, Inspector
+from pipeline.core.store import KnowledgeStore
 from schemas.config import InferenceConfig, TopicsConfig
 from schemas.messages import (
     DeadLetter,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import LabeledImage, labeled_test_images
-from pipeline.imaging import decode_image, encode_png
+from pipeline.data.datasets import LabeledImage, labeled_test_images
+from pipeline.features.imaging import decode_image, encode_png
 from schemas.config import TopicsConfig
 from schemas.messages import Frame, GroundTruth
 from workers.kafka_io import make_producer, send_record

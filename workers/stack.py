@@ -35,7 +35,7 @@ from typing import Any
 import redis
 from kafka import KafkaAdminClient
 
-from pipeline.local_files import cache_root, write_atomically
+from pipeline.common.local_files import cache_root, write_atomically
 from schemas.config import StackConfig, TopicsConfig
 from workers.kafka_io import ensure_topics
 

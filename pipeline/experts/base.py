@@ -2,7 +2,7 @@
 
 An expert is fitted on normal images of one category, predicts an image score and a pixel map per image,
 and round-trips its whole state through bytes (what the Redis store keeps). Thresholds are not part of
-an expert: they live in the category's calibration (pipeline.calibration).
+an expert: they live in the category's calibration (pipeline.core.calibration).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.backbone import Backbone, FeatureBatch
-from pipeline.serialization import unpack
+from pipeline.features.backbone import Backbone, FeatureBatch
+from pipeline.common.serialization import unpack
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Expert(ABC):
 
     @classmethod
     def unpack_state(cls, data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
-        """Meta and arrays of a packed state (pipeline.serialization), refusing another expert's state."""
+        """Meta and arrays of a packed state (pipeline.common.serialization), refusing another expert's state."""
         meta, arrays = unpack(data)
         if meta.get("expert") != cls.name:
             raise ValueError(f"state is for expert {meta.get('expert')!r}, not {cls.name!r}")

@@ -60,7 +60,7 @@ class EarlyStopping:
 
 
 def module_arrays(net: nn.Module) -> dict[str, np.ndarray]:
-    """A network's weights as arrays for pipeline.serialization.pack: floats as float32, integer
+    """A network's weights as arrays for pipeline.common.serialization.pack: floats as float32, integer
     buffers (BatchNorm's num_batches_tracked) as int64."""
     arrays = {}
     for key, value in net.state_dict().items():

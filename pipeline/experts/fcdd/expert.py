@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pipeline.backbone import Backbone, FeatureBatch
+from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
 from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, split_indices
 from pipeline.experts.fcdd.torch_model import (
@@ -19,8 +19,8 @@ from pipeline.experts.fcdd.torch_model import (
     per_sample_loss,
     receptive_upsample,
 )
-from pipeline.serialization import pack
-from pipeline.synthetic_anomalies import synthesize
+from pipeline.common.serialization import pack
+from pipeline.data.synthetic_anomalies import synthesize
 
 IMAGE_SCORES = ("mean", "max")
 

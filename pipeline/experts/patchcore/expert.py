@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.backbone import PATCH_STAGES, Backbone, FeatureBatch
+from pipeline.features.backbone import PATCH_STAGES, Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput
 from pipeline.experts.patchcore.memory_bank import MemoryBank
 from pipeline.experts.patchcore.torch_model import embed_patches
-from pipeline.serialization import pack
+from pipeline.common.serialization import pack
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import FeatureBatch
-from pipeline.sampling import farthest_point_sampling
+from pipeline.features.backbone import FeatureBatch
+from pipeline.common.sampling import farthest_point_sampling
 
 
 def embed_patches(batch: FeatureBatch, stages: tuple[int, ...]) -> torch.Tensor:

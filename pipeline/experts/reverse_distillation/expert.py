@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pipeline.backbone import Backbone, FeatureBatch
+from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
 from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, split_indices
 from pipeline.experts.reverse_distillation.torch_model import (
@@ -20,7 +20,7 @@ from pipeline.experts.reverse_distillation.torch_model import (
     distillation_loss,
     per_image_loss,
 )
-from pipeline.serialization import pack
+from pipeline.common.serialization import pack
 
 
 @dataclass(frozen=True)

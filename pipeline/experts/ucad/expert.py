@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pipeline.backbone import Backbone, FeatureBatch
+from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
 from pipeline.experts.patchcore.memory_bank import MemoryBank
 from pipeline.experts.ucad.torch_model import init_prompts, knowledge_features, structure_contrastive_loss
-from pipeline.segmentation import MaskCache, MaskerConfig, StructureMasker, patch_labels
-from pipeline.serialization import pack
+from pipeline.features.segmentation import MaskCache, MaskerConfig, StructureMasker, patch_labels
+from pipeline.common.serialization import pack
 
 # Image (H x W x 3 uint8) -> H x W int region labels, 0 = no region. Default: cached MobileSAM masks.
 RegionLabeler = Callable[[np.ndarray], np.ndarray]

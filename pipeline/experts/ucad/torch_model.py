@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.vit import ViTBackbone
+from pipeline.features.vit import ViTBackbone
 
 
 def init_prompts(vit: ViTBackbone, pixels: torch.Tensor, num_layers: int, num_tokens: int, seed: int) -> torch.Tensor:

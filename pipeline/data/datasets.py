@@ -23,7 +23,7 @@ import skimage.data
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from pipeline.imaging import encode_jpeg, encode_png
+from pipeline.features.imaging import encode_jpeg, encode_png
 from schemas.messages import CATEGORY_PATTERN
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")

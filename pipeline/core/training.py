@@ -3,7 +3,7 @@
 The images are split once (seeded) into a fit part and a held-out calibration part; the expert and the
 keys see only the fit part, thresholds and the unknown-task bound only the held-out part. With no expert
 named, every registered expert is fitted and the one that best separates the held-out normal images from
-synthetic anomalies made of them is kept (pipeline.expert_selection).
+synthetic anomalies made of them is kept (pipeline.core.expert_selection).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.backbone import Backbone, FeatureBatch
-from pipeline.calibration import Calibration
-from pipeline.datasets import list_images
-from pipeline.expert_selection import choose_expert, make_validation_set
+from pipeline.features.backbone import Backbone, FeatureBatch
+from pipeline.core.calibration import Calibration
+from pipeline.data.datasets import list_images
+from pipeline.core.expert_selection import choose_expert, make_validation_set
 from pipeline.experts import EXPERT_TYPES, build_expert
-from pipeline.imaging import decode_image, resize_rgb
-from pipeline.task import TaskArtifacts
-from pipeline.task_id import KeyTaskIdentifier, select_keys, task_features
+from pipeline.features.imaging import decode_image, resize_rgb
+from pipeline.core.task import TaskArtifacts
+from pipeline.core.task_id import KeyTaskIdentifier, select_keys, task_features
 from schemas.config import ModelConfig, TrainingConfig
 
 ProgressCallback = Callable[[float, str], None]
@@ -102,7 +102,7 @@ def train_task(
 
 
 def _choose(batches, held_out: list[FeatureBatch], backbone, model: ModelConfig, on_progress):
-    """Automatic choice among every registered expert (see pipeline.expert_selection)."""
+    """Automatic choice among every registered expert (see pipeline.core.expert_selection)."""
     validation = make_validation_set(backbone, held_out, model.seed)
     on_progress(0.4, f"choosing among {list(EXPERT_TYPES)} on {sum(len(b.pixels) for b in held_out)} held-out normal images "
                      f"+ as many synthetic anomalies")

@@ -2,7 +2,7 @@
 
 Used as outlier exposure by experts that learn from anomalies (FCDD) and, by training, to build a
 validation set of normal images plus synthetic anomalies for the automatic expert choice. The test-time
-defects of synthetic categories (pipeline.datasets) are drawn by a different generator.
+defects of synthetic categories (pipeline.data.datasets) are drawn by a different generator.
 
 - `confetti_noise`: FCDD's outlier exposure for MVTec-AD (Liznerski et al., ICLR 2021): many small
   blobs (rectangles, rotated rectangles, ellipses) of random size, either blended in a random colour or

@@ -9,7 +9,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from pipeline.imaging import resize_map
+from pipeline.features.imaging import resize_map
 
 
 def roc_auc(labels: Sequence[bool | int], scores: Sequence[float]) -> float:

@@ -22,12 +22,12 @@ from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
-from pipeline.segmentation.sam import build_mobile_sam
+from pipeline.features.segmentation.sam import build_mobile_sam
 
 
 @dataclass(frozen=True)
 class MaskerConfig:
-    """Automatic-mask settings; every field is part of the cache key (pipeline.segmentation.cache)."""
+    """Automatic-mask settings; every field is part of the cache key (pipeline.features.segmentation.cache)."""
 
     input_size: int | None = 256  # longest image side handed to SAM; None keeps the original size
     points_per_side: int = 8  # SAM's default is 32: 16x the prompts
@@ -124,7 +124,7 @@ def resized_shape(shape: tuple[int, int], longest_side: int) -> tuple[int, int]:
 
 
 def resize_longest_side(image: np.ndarray, longest_side: int | None) -> np.ndarray:
-    """Bilinear (antialiased when shrinking, as pipeline.imaging) to the given longest side."""
+    """Bilinear (antialiased when shrinking, as pipeline.features.imaging) to the given longest side."""
     if longest_side is None or max(image.shape[:2]) == longest_side:
         return image
     height, width = resized_shape(image.shape[:2], longest_side)

@@ -26,8 +26,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from pipeline.assets import DINOV2_VIT_S14_ONNX, AssetError, sha256_of, verified_path
-from pipeline.local_files import cache_root, write_atomically
+from pipeline.common.assets import DINOV2_VIT_S14_ONNX, AssetError, sha256_of, verified_path
+from pipeline.common.local_files import cache_root, write_atomically
 
 log = logging.getLogger(__name__)
 

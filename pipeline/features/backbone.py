@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.assets import EFFICIENTNET_LITE0, AssetError, verified_path
-from pipeline.vit import ViTBackbone
+from pipeline.common.assets import EFFICIENTNET_LITE0, AssetError, verified_path
+from pipeline.features.vit import ViTBackbone
 
 # Stage indices of timm's feature_info: 1 -> stride 4 (24 ch), 2 -> stride 8 (40 ch), 3 -> stride 16 (112 ch),
 # 4 -> stride 32 (320 ch)
@@ -97,7 +97,7 @@ class Backbone(nn.Module):
         return F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
     def extract(self, images: list[np.ndarray], keys: bool = True) -> FeatureBatch:
-        """`images`: float32 3 x S x S arrays in [0, 1] (see pipeline.imaging.resize_rgb)."""
+        """`images`: float32 3 x S x S arrays in [0, 1] (see pipeline.features.imaging.resize_rgb)."""
         return self(torch.from_numpy(np.stack(images)), keys)
 
 

@@ -1,7 +1,7 @@
 """Task identification by nearest keys: UCAD's key bank, on the frozen, unprompted ViT.
 
 Each task keeps K keys: farthest-point samples of its training images' patch tokens (ViT block
-`KEY_LAYER`, see pipeline.backbone). A frame's
+`KEY_LAYER`, see pipeline.features.backbone). A frame's
 distance to a task is the mean, over the frame's patches, of the distance to the task's nearest key.
 All tasks are scored at once: one batched distance computation over a T x K x D key tensor, never a
 Python loop over tasks. A frame whose best distance exceeds that task's calibrated bound is unknown.
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.backbone import FeatureBatch
-from pipeline.sampling import farthest_point_sampling
+from pipeline.features.backbone import FeatureBatch
+from pipeline.common.sampling import farthest_point_sampling
 
 
 def task_features(batch: FeatureBatch) -> torch.Tensor:

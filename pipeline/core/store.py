@@ -12,8 +12,8 @@ import hashlib
 
 import redis
 
-from pipeline.calibration import Calibration
-from pipeline.task import TaskArtifacts
+from pipeline.core.calibration import Calibration
+from pipeline.core.task import TaskArtifacts
 from schemas.messages import utc_now
 from schemas.store import StoreManifest, TaskEntry
 
