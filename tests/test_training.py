@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline import datasets
+from pipeline.data import datasets
 from pipeline.features.backbone import Backbone
 from pipeline.data.datasets import list_images, write_synthetic_category
 from pipeline.data.metrics import accuracy

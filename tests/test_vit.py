@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.common.local_files import CACHE_ENV
-from pipeline import vit
+from pipeline.features import vit
 from pipeline.common.assets import AssetError, sha256_of
 from pipeline.features.vit import OnnxInitializers, ViTBackbone
 

@@ -212,6 +212,11 @@ def converted_state_dict(cache_dir: Path | None = None) -> dict[str, torch.Tenso
     return state
 
 
+def _resample_pos_embed(native: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """What HF Dinov2 does in its forward and timm does on load: bicubic, no antialias."""
+    return resample_abs_pos_embed(native, new_size=list(grid), num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+
+
 class ViTBackbone(nn.Module):
     """Frozen DINOv2 ViT-S/14; build it with `ViTBackbone.pretrained()`.
 
@@ -219,9 +224,15 @@ class ViTBackbone(nn.Module):
     trained). Returns patch tokens of chosen blocks, optionally with UCAD's deep (VPT-deep) prompts.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, native_pos_embed: torch.Tensor | None = None):
         super().__init__()
         self.net = net
+        # Other input sizes resample the checkpoint's own 37 x 37 embedding (never a resampled copy), so a
+        # frame at H x W gets the same position embedding whatever size the model was built for.
+        native = net.pos_embed.detach().clone() if native_pos_embed is None else native_pos_embed
+        self.register_buffer("native_pos_embed", native.clone(), persistent=False)
+        self._pos_embeds: dict[tuple[int, int], torch.Tensor] = {}
+        self.net.patch_embed.strict_img_size = False  # any multiple of the patch size, checked in _embed
         self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -235,16 +246,14 @@ class ViTBackbone(nn.Module):
             raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
         state = dict(converted_state_dict(cache_dir))
         grid = image_size // PATCH_SIZE
-        # what HF Dinov2 does in its forward and timm does on load: bicubic, no antialias
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=[grid, grid], num_prefix_tokens=1, interpolation="bicubic", antialias=False
-        )
         with torch.device("meta"):  # every tensor comes from the checkpoint: skip the random init
             net = timm.create_model(_TIMM_NAME, pretrained=False, img_size=image_size)
+        native_pos_embed = state["pos_embed"]
+        state["pos_embed"] = _resample_pos_embed(native_pos_embed, (grid, grid))
         net.load_state_dict(state, strict=True, assign=True)
         if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
             raise AssetError("DINOv2: some tensors of the timm model were not loaded")
-        return cls(net).to(device)
+        return cls(net, native_pos_embed).to(device)
 
     @classmethod
     def random_init(cls, image_size: int = 224, seed: int = 0) -> "ViTBackbone":
@@ -277,6 +286,24 @@ class ViTBackbone(nn.Module):
     def image_size(self) -> int:
         return self.grid * PATCH_SIZE
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token rows and columns of an H x W input (both must be multiples of the patch size)."""
+        if height % PATCH_SIZE or width % PATCH_SIZE or min(height, width) <= 0:
+            raise ValueError(f"ViT input must be a positive multiple of {PATCH_SIZE} on both sides, got {height} x {width}")
+        return height // PATCH_SIZE, width // PATCH_SIZE
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + CLS + position embedding for B x 3 x H x W pixels in [0, 1]."""
+        grid = self.token_grid(*pixels.shape[-2:])
+        x = pixels.to(self.device, self.mean.dtype)
+        x = self.net.patch_embed((x - self.mean) / self.std)
+        if grid == (self.grid, self.grid):
+            return self.net._pos_embed(x)
+        if grid not in self._pos_embeds:
+            self._pos_embeds[grid] = _resample_pos_embed(self.native_pos_embed, grid).to(x)
+        cls = self.net.cls_token.expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self._pos_embeds[grid]
+
     def patch_tokens(self, pixels: torch.Tensor, layer: int, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """B x P x D patch tokens (row-major) at the output of block `layer`; later blocks are not run."""
         return self.multi_layer_tokens(pixels, (layer,), prompts)[layer]
@@ -302,9 +329,7 @@ class ViTBackbone(nn.Module):
                 prompts = None
             elif prompts.shape[0] <= last:
                 raise ValueError(f"{prompts.shape[0]} prompt sets cannot reach block {last}")
-        x = pixels.to(self.device, self.mean.dtype)
-        x = self.net.patch_embed((x - self.mean) / self.std)
-        x = self.net.norm_pre(self.net.patch_drop(self.net._pos_embed(x)))
+        x = self.net.norm_pre(self.net.patch_drop(self._embed(pixels)))
         inserted = 0  # prompt tokens currently after CLS
         out: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.net.blocks[: last + 1]):
