@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Config(BaseModel):
@@ -50,7 +50,8 @@ class StackConfig(_Config):
 class ModelConfig(_Config):
     """Backbone input and PatchCore settings shared by training and inference."""
 
-    image_size: int = Field(default=224, ge=64, description="Square input side fed to the backbone.")
+    image_size: int = Field(default=224, ge=64, description="Square side of routing's ViT key pass (and of "
+                            "tasks stored before per-task input specs).")
     coreset_ratio: float = Field(default=0.02, gt=0, le=1)
     coreset_projection_dim: int = Field(default=64, ge=8)
     max_coreset_size: int = Field(default=8000, ge=16)
@@ -65,9 +66,29 @@ class ModelConfig(_Config):
 
 
 class TrainingConfig(_Config):
-    max_train_images: int = Field(default=200, ge=4, description="Cap on images used to fit a task.")
-    calibration_fraction: float = Field(default=0.2, gt=0, lt=0.9)
+    """How a task's normal images are used, and what adding a task may cost.
+
+    The images (at most `max_train_images`, a seeded sample) are split by role: fit (the expert and the
+    keys learn from them), validation (the automatic choice of expert and spec, early stopping),
+    calibration (thresholds, the unknown bound) and audit (never used in training: kept for live
+    monitoring); whatever is left over is not used at all (evaluation's extra normal images)."""
+
+    max_train_images: int = Field(default=250, ge=4, description="Cap on the images one task uses, all roles.")
+    fit_fraction: float = Field(default=0.5, gt=0, lt=1)
+    validation_fraction: float = Field(default=0.15, gt=0, lt=1)
+    calibration_fraction: float = Field(default=0.25, gt=0, lt=1)  # audit: the rest
     batch_size: int = Field(default=16, ge=1)
+    expert_budget_ms: float = Field(default=250.0, gt=0, description="Most ms per frame a chosen expert may "
+                                    "cost on this machine, its backbone included (measured on validation frames).")
+    add_budget_s: float = Field(default=180.0, gt=0, description="Time to add a task; the automatic choice "
+                                "tries no further candidate once the estimate would pass it.")
+    min_image_side: int = Field(default=32, ge=8, description="Training images smaller than this are skipped.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "TrainingConfig":
+        if self.fit_fraction + self.validation_fraction + self.calibration_fraction >= 1.0:
+            raise ValueError("fit + validation + calibration fractions must leave room for the audit split")
+        return self
 
 
 class InferenceConfig(_Config):

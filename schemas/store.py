@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-BLOB_KINDS = ("keys", "expert", "calibration", "meta")
+BLOB_KINDS = ("keys", "expert", "calibration", "meta", "spec")  # "spec": absent in tasks stored before it
 
 
 class TaskEntry(BaseModel):

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.features.backbone import Backbone
+import numpy as np
+
 from pipeline.data.datasets import labeled_test_images, read_mask, train_images
 from pipeline.experts import Expert
-from pipeline.core.training import load_pixels
+from pipeline.features.backbone import Backbone
+from pipeline.features.imaging import decode_image, resize_rgb
+
+
+def load_pixels(path: Path, image_size: int) -> np.ndarray:
+    """A test image squeezed to image_size x image_size, float32 3 x S x S in [0, 1]: experts' unit tests
+    feed square batches directly (the live path goes through pipeline.experts.frames)."""
+    return resize_rgb(decode_image(path.read_bytes(), 40_000_000), image_size)
 
 
 def fit_and_predict(expert: Expert, backbone: Backbone, root: Path, category: str, image_size: int) -> dict:

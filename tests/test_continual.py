@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.features.backbone import Backbone
+from pipeline.features.backbone import Backbones
 from pipeline.core.calibration import Calibration
 from pipeline.evaluation.continual import (
     METRICS,
@@ -48,8 +48,7 @@ def report(tmp_path_factory: pytest.TempPathFactory):
     for texture in SYNTHETIC_TEXTURES:
         write_synthetic_category(root, texture, texture, n_train=10, n_test_good=4, n_test_defect=4, size=128, seed=1)
         sources.append(TaskSource(texture, root))
-    backbone = Backbone.pretrained(image_size=IMAGE_SIZE)
-    return run_continual_benchmark(sources, backbone, MODEL, TrainingConfig(batch_size=8), expert="patchcore",
+    return run_continual_benchmark(sources, Backbones.pretrained(), MODEL, TrainingConfig(batch_size=8), expert="patchcore",
                                    timing_tasks=(1, 3, 10))
 
 
@@ -58,6 +57,7 @@ def test_every_seen_task_is_evaluated_after_each_step(report) -> None:
     assert [sorted(s.rows) for s in report.steps] == [sorted(SYNTHETIC_TEXTURES[: i + 1]) for i in range(3)]
     for step in report.steps:
         assert step.train_seconds > 0 and step.task_bytes > 0
+        assert step.expert == "patchcore" and "letterbox" in step.spec
         for row in step.rows.values():
             assert set(METRICS) <= set(row) and all(0.0 <= row[m] <= 1.0 for m in METRICS)
 

@@ -24,7 +24,7 @@ from pipeline.experts.fcdd.torch_model import (
     pseudo_huber,
     receptive_upsample,
 )
-from pipeline.core.training import load_pixels
+from helpers import load_pixels
 
 IMAGE_SIZE = 128
 CATEGORY = "brick"
@@ -55,20 +55,20 @@ def test_receptive_upsample_is_the_normalised_transposed_convolution(kernel_size
     weight = F.conv_transpose2d(torch.ones(1, 1, 16, 16), kernel, stride=stride)
     start = (kernel_size - stride) // 2  # each cell's kernel centred on the centre of its 8 x 8 patch
     reference = (summed / weight)[:, 0, start : start + size, start : start + size]
-    ours = receptive_upsample(heatmaps, size, stride, kernel_size, sigma)
+    ours = receptive_upsample(heatmaps, (size, size), stride, kernel_size, sigma)
     assert ours.shape == (3, size, size)
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
 def test_receptive_upsample_keeps_constants_and_fits_any_size() -> None:
     # 100 px input: a ceil(100 / 8) = 13 cell grid ("same" padding); the map is exactly 100 x 100
-    out = receptive_upsample(torch.full((2, 1, 13, 13), 0.7), 100, 8, 68, 12.0)
+    out = receptive_upsample(torch.full((2, 1, 13, 13), 0.7), (100, 100), 8, 68, 12.0)
     assert out.shape == (2, 100, 100)
     assert torch.allclose(out, torch.full_like(out, 0.7), atol=1e-5)
     # a single hot cell peaks over its own patch
     hot = torch.zeros(1, 1, 16, 16)
     hot[0, 0, 4, 10] = 1.0
-    peak = receptive_upsample(hot, 128, 8, 68, 12.0)[0]
+    peak = receptive_upsample(hot, (128, 128), 8, 68, 12.0)[0]
     y, x = divmod(int(peak.argmax()), 128)
     assert 4 * 8 <= y < 5 * 8 and 10 * 8 <= x < 11 * 8
 

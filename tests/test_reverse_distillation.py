@@ -153,10 +153,10 @@ def test_early_stopping_keeps_the_best_weights(monkeypatch: pytest.MonkeyPatch) 
 
 def test_anomaly_map_is_zero_for_a_perfect_student() -> None:
     teacher = [torch.randn(2, c, s, s) for c, s in ((24, 16), (40, 8), (112, 4))]
-    maps = anomaly_maps(teacher, [2.0 * t for t in teacher], 64, 4.0)  # cosine ignores scale
+    maps = anomaly_maps(teacher, [2.0 * t for t in teacher], (64, 64), 4.0)  # cosine ignores scale
     assert maps.shape == (2, 64, 64)
     torch.testing.assert_close(maps, torch.zeros_like(maps), atol=1e-5, rtol=0)
-    opposite = anomaly_maps(teacher, [-t for t in teacher], 64, 4.0)
+    opposite = anomaly_maps(teacher, [-t for t in teacher], (64, 64), 4.0)
     torch.testing.assert_close(opposite, torch.full_like(opposite, 6.0))  # 3 scales x (1 - (-1))
 
 

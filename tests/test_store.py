@@ -15,6 +15,7 @@ from pipeline.core.calibration import Calibration
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
 from pipeline.core.store import KnowledgeStore, StoreError
 from pipeline.core.task import TaskArtifacts
+from schemas.spec import InputSpec, legacy_spec
 from schemas.store import BLOB_KINDS
 
 pytestmark = pytest.mark.integration
@@ -31,7 +32,11 @@ def _expert_state(seed: int) -> bytes:
     return expert.to_bytes()
 
 
-def make_task(category: str, seed: int = 0) -> TaskArtifacts:
+SPEC = InputSpec(backbone="efficientnet_lite2", resize="tiles", height=256, width=256, tile_overlap=32)
+
+
+def make_task(category: str, seed: int = 0, spec: InputSpec | None = SPEC) -> TaskArtifacts:
+    """`spec` None: a task as stored before per-task specs existed (no spec blob)."""
     rng = np.random.default_rng(seed)
     calibration = Calibration.from_normals(
         rng.gamma(2.0, size=12), rng.gamma(3.0, size=12), rng.uniform(1, 2, size=12), 0.05, 1.5
@@ -43,6 +48,7 @@ def make_task(category: str, seed: int = 0) -> TaskArtifacts:
         expert_state=_expert_state(seed),
         calibration=calibration,
         meta={"train_dir": f"/data/{category}", "num_fit_images": 10, "seed": seed},
+        spec=spec,
     )
 
 
@@ -53,6 +59,7 @@ def assert_same_task(a: TaskArtifacts, b: TaskArtifacts) -> None:
     assert a.expert_state == b.expert_state
     assert a.calibration == b.calibration
     assert a.meta == b.meta
+    assert a.spec == b.spec and a.input_spec == b.input_spec
     assert a.blobs() == b.blobs()
 
 
@@ -96,6 +103,25 @@ def test_publish_and_load_round_trip(store: KnowledgeStore, redis_client: redis.
     assert_same_task(store.load_task(entry), task)
 
 
+def test_per_task_specs_round_trip_and_old_tasks_keep_theirs(store: KnowledgeStore, redis_client: redis.Redis) -> None:
+    """A task stored before specs (no spec blob) loads with the square squeeze it was trained with and
+    keeps its bytes; a task with a spec gets exactly that spec back; adding it touches no old byte."""
+    old = make_task("tile", seed=2, spec=None)
+    store.publish(old)
+    old_entry = store.manifest().tasks["tile"]
+    assert "spec" not in old_entry.blobs
+    before = blob_snapshot(redis_client, store, "tile")
+
+    store.publish(make_task("screw", seed=3))
+    manifest = store.manifest()
+    assert manifest.tasks["tile"] == old_entry and blob_snapshot(redis_client, store, "tile") == before
+    loaded_old = store.load_task(manifest.tasks["tile"])
+    assert loaded_old.spec is None and loaded_old.input_spec == legacy_spec(224)
+    assert loaded_old.blobs() == old.blobs()
+    loaded_new = store.load_task(manifest.tasks["screw"])
+    assert loaded_new.spec == SPEC and set(manifest.tasks["screw"].blobs) == set(BLOB_KINDS)
+
+
 def test_blobs_are_deterministic_and_shared(store: KnowledgeStore, redis_client: redis.Redis) -> None:
     assert make_task("brick", seed=1).blobs() == make_task("brick", seed=1).blobs()
     store.publish(make_task("brick", seed=1))
@@ -119,7 +145,9 @@ def test_publishing_b_leaves_a_byte_identical(store: KnowledgeStore, redis_clien
     assert manifest.tasks["brick"] == entry_a  # same digests, sizes, task_version, timestamp
     assert blob_snapshot(redis_client, store, "brick") == before
     assert before == entry_a.blobs  # the stored bytes still hash to their address
-    assert set(manifest.tasks["gravel"].blobs.values()).isdisjoint(entry_a.blobs.values())
+    # Content-addressed: the two tasks share only what is equal byte for byte (here their input spec).
+    shared = {k for k in entry_a.blobs if manifest.tasks["gravel"].blobs[k] == entry_a.blobs[k]}
+    assert shared == {"spec"}
     assert_same_task(store.load_task(manifest.tasks["brick"]), a)
 
 

@@ -101,3 +101,61 @@ def test_rejects_bad_input() -> None:
         synthesize(torch.rand(2, 1, 32, 32), torch.Generator())
     with pytest.raises(TypeError):
         synthesize(torch.rand(2, 3, 32, 32), 0)
+
+
+def textured_hw(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """`textured` on a non-square H x W canvas."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, height // 8, width // 8, generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return (0.7 * smooth + 0.3 * torch.rand(n, 3, height, width, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+@pytest.mark.parametrize("height, width", [(48, 136), (136, 48)])
+def test_non_square_inputs(name: str, height: int, width: int) -> None:
+    make = GENERATORS[name]
+    pixels = textured_hw(16, height, width, seed=6)
+    before = pixels.clone()
+    out, masks = make(pixels, torch.Generator().manual_seed(1))
+    assert torch.equal(pixels, before)
+    assert out.shape == pixels.shape and out.dtype == pixels.dtype
+    assert masks.shape == (16, height, width) and masks.dtype == torch.bool
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert masks.flatten(1).any(dim=1).all()
+    change = (out - pixels).abs().amax(dim=1)
+    assert float(torch.where(masks, 0.0, change).max()) <= CONFETTI_TOLERANCE
+    if name == "cut_paste":
+        assert torch.equal(masks, (out != pixels).any(dim=1))
+    if name == "confetti_noise":
+        assert torch.equal(masks, change > CONFETTI_TOLERANCE)
+    # defects are placed over the whole canvas, not only over its leading square
+    covered = masks.any(dim=0)
+    long_axis = covered.any(dim=0) if width > height else covered.any(dim=1)
+    far = long_axis[min(height, width) :]
+    assert bool(far.any()), "no defect beyond the leading square of a non-square canvas"
+    # deterministic, and batch order is all that matters (splitting the batch changes nothing)
+    again = make(pixels, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again[0]) and torch.equal(masks, again[1])
+    g = torch.Generator().manual_seed(1)
+    first, second = make(pixels[:7], g), make(pixels[7:], g)
+    assert torch.equal(torch.cat([first[0], second[0]]), out)
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_non_square_defects_keep_the_area_scale(name: str) -> None:
+    # a 64 x 256 canvas has the area of a 128 x 128 one: its defects cover a similar fraction of it
+    make = GENERATORS[name]
+    wide = make(textured_hw(24, 64, 256, seed=7), torch.Generator().manual_seed(3))[1]
+    square = make(textured_hw(24, 128, 128, seed=7), torch.Generator().manual_seed(3))[1]
+    wide_area = float(wide.flatten(1).float().mean())
+    square_area = float(square.flatten(1).float().mean())
+    assert 0.4 < wide_area / square_area < 2.5, (wide_area, square_area)
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_flat_non_square_images_still_get_visible_anomalies(name: str) -> None:
+    pixels = torch.full((4, 3, 40, 120), 0.5)
+    out, masks = GENERATORS[name](pixels, torch.Generator().manual_seed(0))
+    assert masks.flatten(1).any(dim=1).all()
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0

@@ -8,24 +8,28 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline.data import datasets
-from pipeline.features.backbone import Backbone
-from pipeline.data.datasets import list_images, write_synthetic_category
-from pipeline.data.metrics import accuracy
-from pipeline.experts import EXPERT_TYPES, load_expert
-from pipeline.features.imaging import decode_image
+from pipeline.core.expert_selection import AUTO_EXPERTS
 from pipeline.core.inspector import Inspector
 from pipeline.core.store import KnowledgeStore
 from pipeline.core.task import TaskArtifacts
-from pipeline.core.task_id import KeyTaskIdentifier, task_features
-from pipeline.core.training import feature_batches, split_images, train_task
+from pipeline.core.task_id import KeyTaskIdentifier
+from pipeline.core.training import ROLES, load_frames, routing_tokens, split_roles, train_task
+from pipeline.data import datasets
+from pipeline.data.datasets import list_images, write_synthetic_category
+from pipeline.data.metrics import accuracy
+from pipeline.experts import load_expert
+from pipeline.experts.frames import run_on_frames
+from pipeline.features.backbone import Backbones
+from pipeline.features.imaging import decode_image
 from schemas.config import ModelConfig, TrainingConfig
+from schemas.spec import InputSpec
 
 IMAGE_SIZE = 128
 TRAINED = ("brick", "gravel")
 UNTRAINED = "grass"
 MODEL = ModelConfig(image_size=IMAGE_SIZE, coreset_ratio=0.1, max_coreset_size=500, num_keys=16, seed=0)
-TRAINING = TrainingConfig(batch_size=16, calibration_fraction=0.25)
+TRAINING = TrainingConfig(batch_size=16)  # 12 images: 6 fit, 2 validation, 3 calibration, 1 audit
+SPEC = InputSpec(backbone="efficientnet_lite0", resize="letterbox", height=IMAGE_SIZE, width=IMAGE_SIZE)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,8 +42,8 @@ def _labeled_test_images(root: Path, category: str):
 
 
 @pytest.fixture(scope="module")
-def backbone() -> Backbone:
-    return Backbone.pretrained(image_size=IMAGE_SIZE)
+def backbones() -> Backbones:
+    return Backbones.pretrained()
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +56,14 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(backbone: Backbone, data_root: Path) -> dict[str, tuple[TaskArtifacts, list[tuple[float, str]]]]:
+def trained(backbones: Backbones, data_root: Path) -> dict[str, tuple[TaskArtifacts, list[tuple[float, str]]]]:
     """category -> (artifacts, progress reports)."""
     out = {}
     for category in TRAINED:
         progress: list[tuple[float, str]] = []
         artifacts = train_task(
-            category, data_root / category / "train" / "good", "patchcore", backbone, MODEL, TRAINING,
-            false_alarm_rate=0.1, on_progress=lambda f, m, p=progress: p.append((f, m)),
+            category, data_root / category / "train" / "good", "patchcore", backbones, MODEL, TRAINING,
+            false_alarm_rate=0.1, on_progress=lambda f, m, p=progress: p.append((f, m)), spec=SPEC,
         )
         out[category] = (artifacts, progress)
     return out
@@ -76,77 +80,88 @@ def test_frames(data_root: Path) -> dict[str, list[tuple[np.ndarray, bool]]]:
 
 
 # ------------------------------------------------------------------------------------------ split
-def test_split_images_disjoint_and_deterministic(tmp_path: Path) -> None:
-    paths = [tmp_path / f"{i:03d}.png" for i in range(20)]
-    config = TrainingConfig(calibration_fraction=0.25)
-    fit, held_out = split_images(paths, config, seed=3, limit=None)
-    assert len(held_out) == 5 and len(fit) == 15
-    assert set(fit).isdisjoint(held_out) and set(fit) | set(held_out) == set(paths)
-    assert split_images(paths, config, seed=3, limit=None) == (fit, held_out)
-    assert split_images(paths, config, seed=4, limit=None) != (fit, held_out)
-    assert fit != sorted(fit) or held_out != sorted(held_out) or fit[0] != paths[5]  # actually shuffled
-
-    fit, held_out = split_images(paths, config, seed=3, limit=8)
-    assert len(fit) + len(held_out) == 8 and len(held_out) == 2
-    fit, held_out = split_images(paths, TrainingConfig(max_train_images=10, calibration_fraction=0.25), 3, None)
-    assert len(fit) + len(held_out) == 10
-    fit, held_out = split_images(paths[:4], TrainingConfig(calibration_fraction=0.1), 0, None)
-    assert len(held_out) == 2 and len(fit) == 2  # at least two held out
+def test_split_roles_disjoint_deterministic_and_capped(tmp_path: Path) -> None:
+    paths = [tmp_path / f"{i:03d}.png" for i in range(40)]
+    config = TrainingConfig(max_train_images=20)
+    splits = split_roles(paths, config, seed=3)
+    sizes = [len(getattr(splits, role)) for role in ROLES]
+    assert sizes == [10, 3, 5, 2] and len(splits.unused) == 20
+    everything = [p for role in (*ROLES, "unused") for p in getattr(splits, role)]
+    assert sorted(everything) == sorted(paths) and len(set(everything)) == len(paths)  # disjoint, complete
+    assert split_roles(paths, config, seed=3) == splits
+    assert split_roles(paths, config, seed=4) != splits
+    capped = split_roles(paths, config, seed=3, limit=8)
+    assert [len(getattr(capped, r)) for r in ROLES] == [4, 1, 2, 1] and len(capped.unused) == 32
+    tiny = split_roles(paths[:4], config, 0)
+    assert [len(getattr(tiny, r)) for r in ROLES] == [2, 1, 1, 0]  # fit >= 2, one each to validate and calibrate
     with pytest.raises(ValueError, match="at least 4"):
-        split_images(paths[:3], config, 0, None)
+        split_roles(paths[:3], config, 0)
+    with pytest.raises(ValueError, match="audit"):
+        TrainingConfig(fit_fraction=0.6, validation_fraction=0.2, calibration_fraction=0.2)
+
+
+def test_bad_training_files_are_skipped_by_name(tmp_path: Path, data_root: Path) -> None:
+    good = list_images(data_root / "brick" / "train" / "good")[:3]
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_bytes(b"not an image at all")
+    tiny = tmp_path / "tiny.png"
+    tiny.write_bytes(datasets.encode_png(np.zeros((8, 8, 3), dtype=np.uint8)))
+    frames, kept, skipped = load_frames([*good, tmp_path / "empty.png", tmp_path / "text.png", tiny], min_side=32)
+    assert kept == good and len(frames) == 3
+    assert set(skipped) == {"empty.png", "text.png", "tiny.png"}
+    assert "smaller than 32" in skipped["tiny.png"] and "not_an_image" in skipped["text.png"]
 
 
 # --------------------------------------------------------------------------------------- training
-def test_trained_artifacts_shape_and_meta(trained, backbone: Backbone) -> None:
+def test_trained_artifacts_shape_spec_and_meta(trained, backbones: Backbones) -> None:
     for category, (artifacts, progress) in trained.items():
         assert artifacts.category == category and artifacts.expert_name == "patchcore"
-        assert artifacts.keys.shape == (MODEL.num_keys, backbone.vit.embed_dim)
+        assert artifacts.keys.shape == (MODEL.num_keys, backbones.vit.embed_dim)
         assert artifacts.keys.dtype == np.float32
         assert len({k.tobytes() for k in artifacts.keys}) == MODEL.num_keys  # distinct keys
-        assert artifacts.meta["num_fit_images"] == 9 and artifacts.meta["num_calibration_images"] == 3
-        assert artifacts.meta["model_config"] == MODEL.model_dump()
+        meta = artifacts.meta
+        assert (meta["num_fit_images"], meta["num_validation_images"], meta["num_calibration_images"]) == (6, 2, 3)
+        assert [len(meta["splits"][r]) for r in (*ROLES, "unused")] == [6, 2, 3, 1, 0]
+        assert meta["model_config"] == MODEL.model_dump() and meta["expert_ms_per_frame"] > 0
+        assert artifacts.spec == SPEC and artifacts.input_spec == SPEC
         fractions = [f for f, _ in progress]
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
-        assert TaskArtifacts.from_blobs(category, "patchcore", artifacts.blobs()).blobs() == artifacts.blobs()
+        again = TaskArtifacts.from_blobs(category, "patchcore", artifacts.blobs())
+        assert again.blobs() == artifacts.blobs() and again.spec == SPEC
 
 
-def test_calibration_uses_only_held_out_normals(trained, backbone: Backbone, data_root: Path) -> None:
+def test_calibration_uses_only_the_calibration_split(trained, backbones: Backbones, data_root: Path) -> None:
     for category, (artifacts, _) in trained.items():
-        paths = list_images(data_root / category / "train" / "good")
-        fit_paths, held_out = split_images(paths, TRAINING, MODEL.seed, None)
+        folder = data_root / category / "train" / "good"
+        names = artifacts.meta["splits"]
         calibration = artifacts.calibration
-        assert len(calibration.normal_scores) == len(held_out) == 3
-        assert len(calibration.normal_map_peaks) == len(held_out)
-
+        assert len(calibration.normal_scores) == len(names["calibration"]) == 3
         expert = load_expert("patchcore", artifacts.expert_state)
         identifier = KeyTaskIdentifier({"self": artifacts.keys}, {"self": float("inf")})
 
-        def scores_of(paths_):
-            scores, peaks, distances = [], [], []
-            for batch in feature_batches(backbone, paths_, MODEL, TRAINING.batch_size):
-                output = expert.predict(batch)
-                scores += output.scores.tolist()
-                peaks += output.maps.reshape(len(output.maps), -1).max(axis=1).tolist()
-                distances += identifier.distances(task_features(batch))[:, 0].tolist()
-            return np.sort(scores), np.sort(peaks), np.array(distances)
+        def scores_of(role: str):
+            frames, _, _ = load_frames([folder / n for n in names[role]], 32)
+            outputs = run_on_frames(expert, artifacts.spec, backbones, frames)
+            distances = identifier.distances(routing_tokens(backbones, frames, MODEL, 16))[:, 0]
+            return np.sort(outputs.scores), np.sort([m.max() for m in outputs.maps]), distances.numpy()
 
-        scores, peaks, distances = scores_of(held_out)
+        scores, peaks, distances = scores_of("calibration")
         np.testing.assert_allclose(calibration.normal_scores, scores, rtol=1e-5)
         np.testing.assert_allclose(calibration.normal_map_peaks, peaks, rtol=1e-5)
         assert calibration.task_bound == pytest.approx(distances.max() * MODEL.unknown_slack, rel=1e-5)
         assert calibration.threshold in calibration.normal_scores
-        # The fit images give other scores: they were not what the calibration measured.
-        fit_scores, _, _ = scores_of(fit_paths[: len(held_out)])
-        assert not np.allclose(np.sort(fit_scores), scores, rtol=1e-3)
+        # The fit and validation images give other scores: they were not what the calibration measured.
+        other, _, _ = scores_of("fit")
+        assert not np.allclose(other[: len(scores)], scores, rtol=1e-3)
 
 
 # -------------------------------------------------------------------------------------- inspector
 @pytest.mark.integration
 def test_inspector_routes_and_stays_stable_when_tasks_are_added(
-    trained, backbone: Backbone, test_frames, redis_client: redis.Redis
+    trained, backbones: Backbones, test_frames, redis_client: redis.Redis
 ) -> None:
     store = KnowledgeStore(redis_client, namespace="test-train")
-    inspector = Inspector(backbone, MODEL)
+    inspector = Inspector(backbones, MODEL)
     brick_images = [image for image, _ in test_frames["brick"]]
 
     # Nothing published: every frame is unknown.
@@ -176,7 +191,7 @@ def test_inspector_routes_and_stays_stable_when_tasks_are_added(
         if before.score_map is None:
             assert after.score_map is None
         else:
-            assert before.score_map.shape == (IMAGE_SIZE, IMAGE_SIZE)
+            assert before.score_map.shape == brick_images[0].shape[:2]  # at the frame's own resolution
             np.testing.assert_array_equal(after.score_map, before.score_map)
 
     # Routing with both tasks known, all categories mixed into one batch.
@@ -213,10 +228,10 @@ def test_inspector_routes_and_stays_stable_when_tasks_are_added(
 
 
 @pytest.mark.integration
-def test_inspector_follows_recalibration(trained, backbone: Backbone, test_frames, redis_client: redis.Redis) -> None:
+def test_inspector_follows_recalibration(trained, backbones: Backbones, test_frames, redis_client: redis.Redis) -> None:
     store = KnowledgeStore(redis_client, namespace="test-train")
     store.publish(trained["brick"][0])
-    inspector = Inspector(backbone, MODEL)
+    inspector = Inspector(backbones, MODEL)
     inspector.sync(store)
     expert = inspector.tasks["brick"].expert
     normal = [image for image, label in test_frames["brick"] if not label]
@@ -230,16 +245,19 @@ def test_inspector_follows_recalibration(trained, backbone: Backbone, test_frame
     assert inspector.tasks["brick"].expert is not expert  # blobs changed: the task was reloaded
 
 
-def test_automatic_expert_choice_fits_every_expert_and_keeps_the_best(backbone: Backbone, data_root: Path) -> None:
+def test_automatic_choice_judges_every_candidate_on_validation_and_keeps_the_best(backbones: Backbones, data_root: Path) -> None:
     progress: list[str] = []
     artifacts = train_task(
-        "brick", data_root / "brick" / "train" / "good", None, backbone, MODEL, TRAINING,
+        "brick", data_root / "brick" / "train" / "good", None, backbones, MODEL, TRAINING,
         false_alarm_rate=0.1, on_progress=lambda f, m: progress.append(m),
     )
     choice = artifacts.meta["expert_choice"]
-    assert [c["expert"] for c in choice] == list(EXPERT_TYPES)
-    best = max(choice, key=lambda c: c["score"])
-    assert artifacts.expert_name == best["expert"]
-    assert all(0.0 <= c["image_auroc"] <= 1.0 and c["fit_seconds"] > 0 for c in choice)
+    order = [AUTO_EXPERTS.index(c["expert"]) for c in choice]
+    assert order == sorted(order) and set(order) == set(range(len(AUTO_EXPERTS)))  # every automatic expert, in turn
+    eligible = [c for c in choice if c["status"] == "ok"]
+    best = max(eligible, key=lambda c: c["score"])
+    assert artifacts.expert_name == best["expert"] and artifacts.spec == InputSpec(**best["spec"])
+    assert artifacts.spec.resize != "squeeze"  # new tasks never squeeze their frames
+    assert all(0.0 <= c["image_auroc"] <= 1.0 and c["ms_per_frame"] > 0 for c in eligible)
     assert any(m.startswith("chose ") for m in progress)  # the reason reaches the training events
     assert type(load_expert(artifacts.expert_name, artifacts.expert_state)).name == artifacts.expert_name

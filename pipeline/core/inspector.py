@@ -1,8 +1,12 @@
 """Per-frame inspection with the tasks currently in the store: which product, how anomalous, where.
 
 `Inspector.sync(store)` follows the store incrementally (only new or changed task entries are loaded);
-`Inspector.inspect(images)` runs one backbone pass for the batch, identifies the task of every frame in
-one vectorised search, then runs each identified task's expert once on its frames.
+`Inspector.inspect(images)` is two-stage: one cheap, shared routing pass (the unprompted ViT on every
+frame squeezed to the routing size) identifies the task of every frame in one vectorised search; then
+each identified task's expert runs once on its frames at the task's own input spec (geometry, tiling,
+backbone; pipeline.experts.frames), and its maps come back at each frame's own resolution. A task whose
+spec is routing's own geometry and whose expert reads unprompted ViT blocks no deeper than the keys gets
+them from the routing pass (computed once).
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.experts import Expert, load_expert
-from pipeline.features.imaging import resize_rgb
+from pipeline.experts.frames import run_on_frames
+from pipeline.features.backbone import KEY_LAYER, Backbones, FeatureBatch
 from pipeline.core.store import KnowledgeStore
 from pipeline.core.task import TaskArtifacts
 from pipeline.core.task_id import KeyTaskIdentifier, TaskMatch, task_features
 from schemas.config import ModelConfig
+from schemas.spec import InputSpec, routing_spec
 from schemas.store import TaskEntry
 
 
@@ -27,6 +32,10 @@ class LoadedTask:
     entry: TaskEntry
     artifacts: TaskArtifacts
     expert: Expert
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.artifacts.input_spec
 
 
 @dataclass
@@ -37,7 +46,7 @@ class Inspection:
     score: float | None
     threshold: float | None
     is_defective: bool | None  # None when the task is unknown
-    score_map: np.ndarray | None  # S x S raw pixel scores at the backbone input resolution
+    score_map: np.ndarray | None  # H x W raw pixel scores at the frame's own resolution
     pixel_threshold: float | None
     map_max_score: float | None
     task_version: int | None
@@ -51,9 +60,11 @@ class BatchTimings:
 
 
 class Inspector:
-    def __init__(self, backbone: Backbone, model: ModelConfig):
-        self.backbone = backbone
+    def __init__(self, backbones: Backbones, model: ModelConfig, batch_size: int = 16):
+        self.backbones = backbones
         self.model = model
+        self.batch_size = batch_size
+        self.routing = routing_spec(model.image_size)
         self.tasks: dict[str, LoadedTask] = {}
         self.store_version = 0
         self.identifier = KeyTaskIdentifier({}, {})
@@ -86,17 +97,30 @@ class Inspector:
         )
 
     # ---------------------------------------------------------------------------------- inference
+    def shared_layers(self) -> tuple[int, ...]:
+        """Unprompted ViT blocks that tasks at routing's geometry read, computed in the routing pass
+        when they are no deeper than the keys (deeper ones would cost every other frame too)."""
+        layers = {layer for t in self.tasks.values() if self._shares_routing(t) for layer in t.expert.vit_layers()}
+        return tuple(sorted(layers))
+
+    def _shares_routing(self, task: LoadedTask) -> bool:
+        layers = task.expert.vit_layers()
+        return task.spec == self.routing and bool(layers) and max(layers) <= KEY_LAYER
+
     def inspect(self, images: list[np.ndarray]) -> tuple[list[Inspection], BatchTimings]:
         """`images`: decoded uint8 RGB frames of any size."""
         t0 = time.perf_counter()
-        batch = self.backbone.extract([resize_rgb(image, self.model.image_size) for image in images])
+        routing = self.backbones.routing_pass(images, self.routing, self.shared_layers())
         t1 = time.perf_counter()
-        matches = self.identifier.identify(task_features(batch))
+        matches = self.identifier.identify(task_features(routing))
         t2 = time.perf_counter()
         results: list[Inspection | None] = [None] * len(images)
-        for category in {m.category for m in matches if m.category is not None}:
+        for category in sorted({m.category for m in matches if m.category is not None}):
             rows = [i for i, m in enumerate(matches) if m.category == category]
-            for row, inspection in zip(rows, self._run_expert(self.tasks[category], batch.select(rows), [matches[i] for i in rows])):
+            task = self.tasks[category]
+            shared = routing.select(rows) if self._shares_routing(task) else None
+            inspections = self._run_expert(task, [images[i] for i in rows], [matches[i] for i in rows], shared)
+            for row, inspection in zip(rows, inspections):
                 results[row] = inspection
         for row, match in enumerate(matches):
             if results[row] is None:
@@ -105,8 +129,9 @@ class Inspector:
         timings = BatchTimings(1000 * (t1 - t0), 1000 * (t2 - t1), 1000 * (t3 - t2))
         return results, timings
 
-    def _run_expert(self, task: LoadedTask, batch: FeatureBatch, matches: list[TaskMatch]) -> list[Inspection]:
-        output = task.expert.predict(batch, self.backbone)
+    def _run_expert(self, task: LoadedTask, images: list[np.ndarray], matches: list[TaskMatch],
+                    shared: FeatureBatch | None) -> list[Inspection]:
+        output = run_on_frames(task.expert, task.spec, self.backbones, images, self.batch_size, shared)
         calibration = task.artifacts.calibration
         return [
             Inspection(
@@ -123,4 +148,3 @@ class Inspector:
             )
             for match, score, score_map in zip(matches, output.scores, output.maps)
         ]
-

@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.core.calibration import Calibration
 from pipeline.common.serialization import array_sizes, pack, unpack
+from schemas.spec import InputSpec, legacy_spec
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,14 @@ class TaskArtifacts:
     expert_state: bytes  # Expert.to_bytes()
     calibration: Calibration
     meta: dict = field(default_factory=dict)  # provenance: train_dir, image counts, timings, config
+    spec: InputSpec | None = None  # how frames reach the expert; None: a task stored before specs existed
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The stored spec, or for older tasks the square squeeze they were trained with."""
+        if self.spec is not None:
+            return self.spec
+        return legacy_spec(int(self.meta.get("model_config", {}).get("image_size", 224)))
 
     def parts(self) -> dict[str, int]:
         """Bytes per named part, the expert's state broken down by array (e.g. UCAD's prompt and knowledge)."""
@@ -27,13 +36,17 @@ class TaskArtifacts:
         return sizes | {f"expert.{name}": n for name, n in array_sizes(blobs["expert"]).items()}
 
     def blobs(self) -> dict[str, bytes]:
-        """The task as named byte blobs (see schemas.store.BLOB_KINDS); deterministic."""
-        return {
+        """The task as named byte blobs (see schemas.store.BLOB_KINDS); deterministic. Tasks stored before
+        per-task specs have no "spec" blob, and keep having none (their bytes never change)."""
+        blobs = {
             "keys": pack({}, {"keys": self.keys}),
             "expert": self.expert_state,
             "calibration": self.calibration.to_bytes(),
             "meta": json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode(),
         }
+        if self.spec is not None:
+            blobs["spec"] = self.spec.model_dump_json().encode()
+        return blobs
 
     @classmethod
     def from_blobs(cls, category: str, expert_name: str, blobs: dict[str, bytes]) -> "TaskArtifacts":
@@ -45,4 +58,5 @@ class TaskArtifacts:
             expert_state=blobs["expert"],
             calibration=Calibration.from_bytes(blobs["calibration"]),
             meta=json.loads(blobs["meta"]),
+            spec=InputSpec.model_validate_json(blobs["spec"]) if "spec" in blobs else None,
         )

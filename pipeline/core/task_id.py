@@ -14,15 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.features.backbone import FeatureBatch
+from pipeline.features.backbone import KEY_LAYER, FeatureBatch
 from pipeline.common.sampling import farthest_point_sampling
 
 
 def task_features(batch: FeatureBatch) -> torch.Tensor:
     """B x P x D patch features used for keys and identification."""
-    if batch.tokens is None:
-        raise ValueError("task identification needs the ViT's tokens: build the backbone with Backbone.pretrained()")
-    return batch.tokens.float().cpu()
+    if KEY_LAYER not in batch.tokens:
+        raise ValueError("task identification needs the ViT's key tokens: build the backbone with Backbone.pretrained()")
+    return batch.tokens[KEY_LAYER].float().cpu()
 
 
 def select_keys(features: torch.Tensor, num_keys: int, seed: int) -> np.ndarray:

@@ -1,129 +1,186 @@
-"""Train one task from a folder of normal images: keys, expert and calibration. Touches no other task.
+"""Train one task from a folder of normal images: keys, expert, input spec and calibration. Touches no
+other task.
 
-The images are split once (seeded) into a fit part and a held-out calibration part; the expert and the
-keys see only the fit part, thresholds and the unknown-task bound only the held-out part. With no expert
-named, every registered expert is fitted and the one that best separates the held-out normal images from
-synthetic anomalies made of them is kept (pipeline.core.expert_selection).
+The images are split once (seeded) by role (schemas.config.TrainingConfig): the expert and the keys
+learn from the fit split only; the automatic choice of expert and input spec, and early stopping, judge
+on the validation split (normal frames plus synthetic anomalies of a family no expert trains on); the
+threshold and the unknown-task bound come from the calibration split alone; the audit split is never
+used here and is recorded for live monitoring.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.core.calibration import Calibration
-from pipeline.data.datasets import list_images
-from pipeline.core.expert_selection import choose_expert, make_validation_set
-from pipeline.experts import EXPERT_TYPES, build_expert
-from pipeline.features.imaging import decode_image, resize_rgb
+from pipeline.core.expert_selection import Candidate, choose, default_candidates, make_validation_set
 from pipeline.core.task import TaskArtifacts
 from pipeline.core.task_id import KeyTaskIdentifier, select_keys, task_features
+from pipeline.data.datasets import list_images
+from pipeline.experts import Expert
+from pipeline.experts.frames import run_on_frames
+from pipeline.features.backbone import Backbones
+from pipeline.features.imaging import ImageDecodeError, decode_image
 from schemas.config import ModelConfig, TrainingConfig
+from schemas.spec import InputSpec, routing_spec
 
 ProgressCallback = Callable[[float, str], None]
 _MAX_TRAIN_PIXELS = 40_000_000
+ROLES = ("fit", "validation", "calibration", "audit")
 
 
-def split_images(paths: Sequence[Path], config: TrainingConfig, seed: int, limit: int | None) -> tuple[list[Path], list[Path]]:
-    """Seeded shuffle, cap at `limit`, then fit / held-out calibration parts (at least 2 held out)."""
+@dataclass(frozen=True)
+class Splits:
+    fit: list[Path]
+    validation: list[Path]
+    calibration: list[Path]
+    audit: list[Path]
+    unused: list[Path]  # never read by training: extra normal images for evaluation
+
+    def names(self) -> dict[str, list[str]]:
+        return {role: [p.name for p in getattr(self, role)] for role in (*ROLES, "unused")}
+
+
+def split_roles(paths: Sequence[Path], config: TrainingConfig, seed: int, limit: int | None = None) -> Splits:
+    """Seeded shuffle, cap at `limit` (default config.max_train_images), then the four roles. Each of
+    validation and calibration gets at least one image, fit at least two; audit may be empty."""
     order = np.random.default_rng(seed).permutation(len(paths))
-    chosen = [paths[i] for i in order[: limit or config.max_train_images]]
-    if len(chosen) < 4:
-        raise ValueError(f"need at least 4 normal images, found {len(chosen)}")
-    held_out = max(2, int(round(len(chosen) * config.calibration_fraction)))
-    return chosen[held_out:], chosen[:held_out]
+    cap = min(len(paths), limit or config.max_train_images)
+    if cap < 4:
+        raise ValueError(f"need at least 4 normal images, found {len(paths)}")
+    chosen = [paths[i] for i in order[:cap]]
+    n_val = max(1, round(cap * config.validation_fraction))
+    n_cal = max(1, round(cap * config.calibration_fraction))
+    n_fit = max(2, round(cap * config.fit_fraction))
+    n_fit = min(n_fit, cap - n_val - n_cal)
+    bounds = np.cumsum([n_fit, n_val, n_cal])
+    return Splits(
+        fit=chosen[: bounds[0]],
+        validation=chosen[bounds[0] : bounds[1]],
+        calibration=chosen[bounds[1] : bounds[2]],
+        audit=chosen[bounds[2] :],
+        unused=[paths[i] for i in order[cap:]],
+    )
 
 
-def load_pixels(path: Path, image_size: int) -> np.ndarray:
-    return resize_rgb(decode_image(path.read_bytes(), _MAX_TRAIN_PIXELS), image_size)
+def load_frames(paths: Sequence[Path], min_side: int) -> tuple[list[np.ndarray], list[Path], dict[str, str]]:
+    """Decoded frames, their paths, and {file name: reason} for the files skipped (unreadable, not an
+    image, corrupt, too small): one bad file never fails a whole task."""
+    frames, kept, skipped = [], [], {}
+    for path in paths:
+        try:
+            image = decode_image(path.read_bytes(), _MAX_TRAIN_PIXELS)
+        except (OSError, ImageDecodeError) as error:
+            skipped[path.name] = str(error)
+            continue
+        if min(image.shape[:2]) < min_side:
+            skipped[path.name] = f"{image.shape[1]}x{image.shape[0]} is smaller than {min_side} px"
+            continue
+        frames.append(image)
+        kept.append(path)
+    return frames, kept, skipped
 
 
-def feature_batches(backbone: Backbone, paths: Sequence[Path], model: ModelConfig, batch_size: int,
-                    keys: bool = True) -> Iterator[FeatureBatch]:
-    for start in range(0, len(paths), batch_size):
-        yield backbone.extract([load_pixels(p, model.image_size) for p in paths[start : start + batch_size]], keys)
+@dataclass
+class TaskImages:
+    """A task's normal images, split by role and decoded (fit, validation, calibration; audit and the
+    unused rest stay on disk)."""
+
+    splits: Splits
+    frames: dict[str, list[np.ndarray]]
+    skipped: dict[str, str]  # file name -> why it was left out
+
+
+def load_task_images(train_dir: Path, training: TrainingConfig, seed: int, limit: int | None = None) -> TaskImages:
+    splits = split_roles(list_images(train_dir), training, seed, limit)
+    frames: dict[str, list[np.ndarray]] = {}
+    skipped: dict[str, str] = {}
+    for role in ("fit", "validation", "calibration"):
+        frames[role], _, bad = load_frames(getattr(splits, role), training.min_image_side)
+        skipped |= bad
+    if len(frames["fit"]) < 2 or not frames["validation"] or not frames["calibration"]:
+        raise ValueError(f"too few usable images in {train_dir} after skipping {len(skipped)} bad files: {skipped}")
+    return TaskImages(splits, frames, skipped)
+
+
+def routing_tokens(backbones: Backbones, images: Sequence[np.ndarray], model: ModelConfig, batch_size: int) -> torch.Tensor:
+    """N x P x D unprompted key tokens of routing's pass, exactly as live frames get them (the keys and
+    the unknown bound)."""
+    spec = routing_spec(model.image_size)
+    return torch.cat([task_features(backbones.routing_pass(list(images[start : start + batch_size]), spec))
+                      for start in range(0, len(images), batch_size)])
 
 
 def train_task(
     category: str,
     train_dir: Path,
     expert_name: str | None,
-    backbone: Backbone,
+    backbones: Backbones,
     model: ModelConfig,
     training: TrainingConfig,
     false_alarm_rate: float,
     max_train_images: int | None = None,
     on_progress: ProgressCallback = lambda fraction, message: None,
+    spec: InputSpec | None = None,
 ) -> TaskArtifacts:
+    """`expert_name` None: the automatic choice among every candidate; `spec` None: the expert's
+    candidate specs for these frames, chosen on validation (a named expert with one spec skips it)."""
     started = time.perf_counter()
-    fit_paths, held_out_paths = split_images(list_images(train_dir), training, model.seed, max_train_images)
-    on_progress(0.05, f"{len(fit_paths)} images to fit, {len(held_out_paths)} held out for calibration")
+    images = load_task_images(train_dir, training, model.seed, max_train_images)
+    splits, frames, skipped = images.splits, images.frames, images.skipped
+    on_progress(0.05, f"{len(frames['fit'])} images to fit, {len(frames['validation'])} to validate, "
+                      f"{len(frames['calibration'])} to calibrate, {len(splits.audit)} kept for audit"
+                      + (f"; skipped {skipped}" if skipped else ""))
 
-    # One backbone pass over the fit images feeds both the expert and the keys; one over the held-out
-    # images feeds the automatic choice (if any) and the calibration.
-    batches = list(feature_batches(backbone, fit_paths, model, training.batch_size))
-    held_out = list(feature_batches(backbone, held_out_paths, model, training.batch_size))
-    features_seconds = time.perf_counter() - started
-    on_progress(0.35, f"features of {len(fit_paths) + len(held_out_paths)} images in {features_seconds:.1f}s")
+    fit_tokens = routing_tokens(backbones, frames["fit"], model, training.batch_size)
+    keys = select_keys(fit_tokens, model.num_keys, model.seed)
+    on_progress(0.15, f"{len(keys)} task keys from the routing pass")
 
-    keys = select_keys(torch.cat([task_features(b) for b in batches]), model.num_keys, model.seed)
-    choice: list[dict] = []
-    if expert_name is None:
-        expert, results = _choose(batches, held_out, backbone, model, on_progress)
-        choice = [r.as_dict() for r in results]
-    else:
-        expert = build_expert(expert_name, model)
-        expert.fit(batches, backbone)
-    del batches
-    fit_seconds = time.perf_counter() - started
+    candidates = default_candidates(frames["fit"], expert_name, spec)
+    validation = make_validation_set(frames["validation"], model.seed)
+    selection = choose(candidates, frames["fit"], validation, backbones, model, training,
+                       deadline=started + training.add_budget_s, on_progress=on_progress)
+    expert, chosen, results = selection.expert, selection.chosen, selection.results
     summary = expert.fit_summary()
-    on_progress(0.8, f"{expert.name} fitted in {fit_seconds - features_seconds:.1f}s"
-                     + (f" ({json.dumps(summary, separators=(',', ':'))})" if summary else ""))
+    on_progress(0.8, f"chose {chosen.expert} at {chosen.spec.describe()}: validation score {chosen.score:.4f}, "
+                     f"{chosen.ms_per_frame:.0f} ms/frame (" + "; ".join(r.line() for r in results) + ")")
 
-    calibration = _calibrate(backbone, expert, keys, held_out, model, false_alarm_rate)
+    calibration = calibrate(expert, chosen.spec, backbones, keys, frames["calibration"], model, training, false_alarm_rate)
     meta = {
         "train_dir": str(train_dir),
         "max_train_images": max_train_images,
-        "num_fit_images": len(fit_paths),
-        "num_calibration_images": len(held_out_paths),
+        "num_fit_images": len(frames["fit"]),
+        "num_validation_images": len(frames["validation"]),
+        "num_calibration_images": len(frames["calibration"]),
+        "splits": splits.names(),
+        "skipped_files": skipped,
         "fit_seconds": round(time.perf_counter() - started, 3),
-        "expert_choice": choice,
+        "expert_ms_per_frame": round(chosen.ms_per_frame, 2),
+        "expert_choice": [r.as_dict() for r in results],
         "fit_summary": summary,
         "model_config": model.model_dump(),
     }
     on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})")
-    return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta)
+    return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta, chosen.spec)
 
 
-def _choose(batches, held_out: list[FeatureBatch], backbone, model: ModelConfig, on_progress):
-    """Automatic choice among every registered expert (see pipeline.core.expert_selection)."""
-    validation = make_validation_set(backbone, held_out, model.seed)
-    on_progress(0.4, f"choosing among {list(EXPERT_TYPES)} on {sum(len(b.pixels) for b in held_out)} held-out normal images "
-                     f"+ as many synthetic anomalies")
-
-    def report(result) -> None:
-        on_progress(0.4, f"candidate {result.expert}: validation image AUROC {result.image_auroc:.4f}, pixel AUROC "
-                         f"{result.pixel_auroc:.4f} (fit {result.fit_seconds:.1f}s)")
-
-    expert, results = choose_expert(list(EXPERT_TYPES), batches, validation, backbone, model, on_result=report)
-    best = max(results, key=lambda r: r.score)
-    on_progress(0.75, f"chose {best.expert}: best mean validation AUROC {best.score:.4f} "
-                      f"(" + ", ".join(f"{r.expert} {r.score:.4f}" for r in results) + ")")
-    return expert, results
-
-
-def _calibrate(backbone, expert, keys, held_out: list[FeatureBatch], model: ModelConfig, far: float) -> Calibration:
+def calibrate(expert: Expert, spec: InputSpec, backbones: Backbones, keys: np.ndarray, images: list[np.ndarray],
+              model: ModelConfig, training: TrainingConfig, far: float) -> Calibration:
+    """Thresholds from the calibration frames through the live path (frame-resolution maps), and the
+    unknown bound from their routing distances to the task's own keys."""
+    outputs = run_on_frames(expert, spec, backbones, images, training.batch_size)
+    peaks = np.array([float(m.max()) for m in outputs.maps])
     identifier = KeyTaskIdentifier({"self": keys}, {"self": float("inf")})
-    scores, peaks, distances = [], [], []
-    for batch in held_out:
-        output = expert.predict(batch, backbone)
-        scores.extend(output.scores.tolist())
-        peaks.extend(output.maps.reshape(len(output.maps), -1).max(axis=1).tolist())
-        distances.extend(identifier.distances(task_features(batch))[:, 0].tolist())
-    return Calibration.from_normals(np.array(scores), np.array(peaks), np.array(distances), far, model.unknown_slack)
+    distances = identifier.distances(routing_tokens(backbones, images, model, training.batch_size))[:, 0].numpy()
+    return Calibration.from_normals(outputs.scores, peaks, distances, far, model.unknown_slack)
+
+
+__all__ = ["ROLES", "Candidate", "Splits", "TaskImages", "calibrate", "load_frames", "load_task_images", "routing_tokens",
+           "split_roles", "train_task"]

@@ -250,3 +250,46 @@ def pixel_metrics(
         "pixel_f1_max": _f1_max_from_counts(pos_desc, neg_desc),
         "aupro": _aupro_from_counts(neg_desc, pro_weight[::-1][occupied], n_regions, fpr_limit),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Operating points: what a deployed threshold does, and the best recall a false-alarm budget allows.
+# ---------------------------------------------------------------------------------------------
+
+
+def operating_point(labels: Sequence[bool | int], scores: Sequence[float], threshold: float) -> dict[str, float]:
+    """`recall` and `false_alarm_rate` of the decision "score > threshold" (strictly, as the pipeline
+    flags a frame). Recall is over the positives (anomalous), the false-alarm rate over the negatives
+    (normal); each is NaN when its class is empty."""
+    positive, values = _check_binary_scores(labels, scores)
+    threshold = float(threshold)
+    if np.isnan(threshold):
+        raise ValueError("threshold is NaN")
+    flagged = values > threshold
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    return {
+        "recall": float(flagged[positive].sum() / n_pos) if n_pos else float("nan"),
+        "false_alarm_rate": float(flagged[~positive].sum() / n_neg) if n_neg else float("nan"),
+    }
+
+
+def recall_at_false_alarm_rate(labels: Sequence[bool | int], scores: Sequence[float], far: float = 0.01) -> float:
+    """Highest recall over the ROC points whose false-alarm rate on the negatives is <= `far`.
+
+    The ROC has one point per distinct score t (decision "score >= t", tied scores move together, as
+    sklearn.metrics.roc_curve with drop_intermediate=False) plus the point (0, 0) of flagging nothing,
+    so the result is 0.0 when even the highest score costs more false alarms than `far` allows. Every
+    point is reachable by the pipeline's strict rule "score > threshold" with a threshold just below
+    t (np.nextafter(t, -np.inf)). NaN when either class is empty.
+    """
+    far = float(far)
+    if not 0.0 <= far <= 1.0:
+        raise ValueError(f"far must be in [0, 1], got {far}")
+    pos, neg = _ranked_counts(*_check_binary_scores(labels, scores))
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    tpr = np.concatenate(([0.0], np.cumsum(pos) / n_pos))
+    fpr = np.concatenate(([0.0], np.cumsum(neg) / n_neg))
+    return float(tpr[fpr <= far].max())

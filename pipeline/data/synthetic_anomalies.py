@@ -11,9 +11,13 @@ defects of synthetic categories (pipeline.data.datasets) are drawn by a differen
   optionally re-lit and rotated, pasted elsewhere.
 - `synthesize`: one of the two per image.
 
-Every function takes B x 3 x S x S pixels in [0, 1] and returns (pixels, masks): the altered pixels, same
-shape and dtype, clipped to [0, 1], and B x S x S bool masks of the changed region (never empty: a defect
-that happens to change nothing visible is redrawn stronger). Randomness comes only from the generator
+Every function takes B x 3 x H x W pixels in [0, 1] (H and W need not be equal) and returns (pixels,
+masks): the altered pixels, same shape and dtype, clipped to [0, 1], and B x H x W bool masks of the
+changed region (never empty: a defect that happens to change nothing visible is redrawn stronger).
+Defect sizes scale with sqrt(H * W) (areas with H * W), positions are uniform over the whole H x W
+canvas, and a pasted patch's sides are capped by the shorter side; for square S x S inputs every one of
+these is exactly the S of the square-only version, so square outputs are bit-identical to it for the
+same generator state. Randomness comes only from the generator
 passed in (a CPU torch.Generator, or a numpy Generator from which one torch seed is drawn), so results
 are deterministic given the generator's state; images are processed one by one in batch order.
 """
@@ -65,8 +69,8 @@ def _torch_generator(generator: GeneratorLike) -> torch.Generator:
 
 
 def _per_image(pixels: torch.Tensor, generator: GeneratorLike, make) -> tuple[torch.Tensor, torch.Tensor]:
-    if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3]:
-        raise ValueError(f"expected B x 3 x S x S pixels, got {tuple(pixels.shape)}")
+    if pixels.ndim != 4 or pixels.shape[1] != 3 or min(pixels.shape[2:]) < 1:
+        raise ValueError(f"expected B x 3 x H x W pixels, got {tuple(pixels.shape)}")
     g = _torch_generator(generator)
     original = pixels.detach().clamp(0.0, 1.0)
     source = original.to("cpu", torch.float32)
@@ -92,12 +96,13 @@ def _randint(g: torch.Generator, low: int, high: int) -> int:
 
 
 def _rotated_rect(
-    size: int, cy: float, cx: float, h: float, w: float, angle: float, window: tuple[int, int, int, int] | None = None
+    hw: tuple[int, int], cy: float, cx: float, h: float, w: float, angle: float,
+    window: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Footprint (bool) of an h x w rectangle centred at (cy, cx), rotated by `angle`, and the
-    patch-frame coordinates (u along h, v along w) of every pixel; over the whole S x S image, or over
-    `window` = (y0, y1, x0, x1) only."""
-    y0, y1, x0, x1 = window if window is not None else (0, size, 0, size)
+    patch-frame coordinates (u along h, v along w) of every pixel; over the whole H x W image (`hw`), or
+    over `window` = (y0, y1, x0, x1) only."""
+    y0, y1, x0, x1 = window if window is not None else (0, hw[0], 0, hw[1])
     dy = torch.arange(y0, y1, dtype=torch.float32)[:, None] - cy
     dx = torch.arange(x0, x1, dtype=torch.float32)[None, :] - cx
     cos, sin = math.cos(angle), math.sin(angle)
@@ -108,7 +113,7 @@ def _rotated_rect(
 
 
 def _blur(mask: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of an S x S map, zero padding (a blob fades out at the border)."""
+    """Separable Gaussian blur of an H x W map, zero padding (a blob fades out at the border)."""
     radius = max(1, int(3 * sigma + 0.5))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
@@ -122,24 +127,31 @@ def _changed(before: torch.Tensor, after: torch.Tensor, tolerance: float) -> tor
     return (after - before).abs().amax(dim=0) > tolerance
 
 
+def _scale(hw: tuple[int, int]) -> float:
+    """The side of the square of the same area, sqrt(H * W): what defect sizes are relative to. For a
+    square, exactly S (sqrt of a perfect square is exact in IEEE arithmetic)."""
+    return math.sqrt(hw[0] * hw[1])
+
+
 # ---------------------------------------------------------------------------------------- confetti
 def _confetti_one(image: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    size = image.shape[-1]
+    hw = (int(image.shape[-2]), int(image.shape[-1]))
     out = image.clone()
     for _ in range(_randint(g, 3, 12)):
-        out = _confetti_blob(out, g, size)
+        out = _confetti_blob(out, g, hw)
     mask = _changed(image, out, CONFETTI_TOLERANCE)
     if not mask.any():  # every blob matched its background: one hard blob of the opposite extreme
-        out = _confetti_blob(out, g, size, force=True)
+        out = _confetti_blob(out, g, hw, force=True)
         mask = _changed(image, out, CONFETTI_TOLERANCE)
     return out, mask
 
 
-def _confetti_blob(out: torch.Tensor, g: torch.Generator, size: int, force: bool = False) -> torch.Tensor:
+def _confetti_blob(out: torch.Tensor, g: torch.Generator, hw: tuple[int, int], force: bool = False) -> torch.Tensor:
     """Draw one blob into `out` (in place, within the blob's window) and return `out`."""
-    h = max(2.0, _uniform(g, 0.025, 0.12) * size)
+    height, width = hw
+    h = max(2.0, _uniform(g, 0.025, 0.12) * _scale(hw))
     w = max(2.0, h * math.exp(_uniform(g, -0.7, 0.7)))
-    cy, cx = _uniform(g, 0, size - 1), _uniform(g, 0, size - 1)
+    cy, cx = _uniform(g, 0, height - 1), _uniform(g, 0, width - 1)
     angle = _uniform(g, 0, math.pi)
     shape = _randint(g, 0, 2)  # 0: axis-aligned rectangle, 1: rotated rectangle, 2: ellipse
     soft = not force and _uniform(g) < 0.5
@@ -147,13 +159,13 @@ def _confetti_blob(out: torch.Tensor, g: torch.Generator, size: int, force: bool
     # Work on the blob's window only: its half-diagonal plus the blur's reach.
     reach = math.hypot(h, w) / 2 + 3 * sigma + 2
     window = (
-        max(0, int(cy - reach)), min(size, int(cy + reach) + 1),
-        max(0, int(cx - reach)), min(size, int(cx + reach) + 1),
+        max(0, int(cy - reach)), min(height, int(cy + reach) + 1),
+        max(0, int(cx - reach)), min(width, int(cx + reach) + 1),
     )  # fmt: skip
     y0, y1, x0, x1 = window
-    hard, u, v = _rotated_rect(size, cy, cx, h, w, angle if shape == 1 else 0.0, window)
+    hard, u, v = _rotated_rect(hw, cy, cx, h, w, angle if shape == 1 else 0.0, window)
     if shape == 2:
-        _, u, v = _rotated_rect(size, cy, cx, h, w, angle, window)
+        _, u, v = _rotated_rect(hw, cy, cx, h, w, angle, window)
         hard = (u / (h / 2)) ** 2 + (v / (w / 2)) ** 2 <= 1.0
     if not hard.any():  # a sliver that fell between pixel centres
         hard[min(y1 - 1, int(round(cy))) - y0, min(x1 - 1, int(round(cx))) - x0] = True
@@ -190,31 +202,34 @@ def _confetti_blob(out: torch.Tensor, g: torch.Generator, size: int, force: bool
 
 # --------------------------------------------------------------------------------------- cut-paste
 def _cut_paste_one(image: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    size = image.shape[-1]
+    hw = (int(image.shape[-2]), int(image.shape[-1]))
+    height, width = hw
+    scale, short = _scale(hw), min(hw)
     if _uniform(g) < 0.3:  # scar: long and thin, always rotated
-        h = _uniform(g, 0.1, 0.3) * size
-        w = _uniform(g, 0.01, 0.04) * size
+        h = _uniform(g, 0.1, 0.3) * scale
+        w = _uniform(g, 0.01, 0.04) * scale
         angle = _uniform(g, 0, math.pi)
     else:
-        area = _uniform(g, 0.02, 0.12) * size * size
+        area = _uniform(g, 0.02, 0.12) * height * width
         aspect = math.exp(_uniform(g, math.log(0.3), math.log(1 / 0.3)))
         h, w = math.sqrt(area * aspect), math.sqrt(area / aspect)
         angle = _uniform(g, 0, math.pi) if _uniform(g) < 0.3 else 0.0
-    h, w = min(max(h, 2.0), size * 0.6), min(max(w, 2.0), size * 0.6)
+    # Capped by the shorter side, so the axis-aligned source box fits whichever way it lies.
+    h, w = min(max(h, 2.0), short * 0.6), min(max(w, 2.0), short * 0.6)
     # Source: an axis-aligned h x w box inside the image. Destination: the (rotated) box, its bounding
     # box inside the image.
-    sy = _uniform(g, h / 2, size - h / 2)
-    sx = _uniform(g, w / 2, size - w / 2)
+    sy = _uniform(g, h / 2, height - h / 2)
+    sx = _uniform(g, w / 2, width - w / 2)
     cos, sin = abs(math.cos(angle)), abs(math.sin(angle))
     bh, bw = h * cos + w * sin, h * sin + w * cos
-    dy = _uniform(g, min(bh / 2, size / 2), max(size - bh / 2, size / 2))
-    dx = _uniform(g, min(bw / 2, size / 2), max(size - bw / 2, size / 2))
-    footprint, u, v = _rotated_rect(size, dy - 0.5, dx - 0.5, h, w, angle)
+    dy = _uniform(g, min(bh / 2, height / 2), max(height - bh / 2, height / 2))
+    dx = _uniform(g, min(bw / 2, width / 2), max(width - bw / 2, width / 2))
+    footprint, u, v = _rotated_rect(hw, dy - 0.5, dx - 0.5, h, w, angle)
     if not footprint.any():
-        footprint[min(size - 1, int(dy)), min(size - 1, int(dx))] = True
-    src_y = (sy - 0.5 + u).round().long().clamp(0, size - 1)
-    src_x = (sx - 0.5 + v).round().long().clamp(0, size - 1)
-    patch = image[:, src_y, src_x]  # 3 x S x S: the source pixel for every destination pixel
+        footprint[min(height - 1, int(dy)), min(width - 1, int(dx))] = True
+    src_y = (sy - 0.5 + u).round().long().clamp(0, height - 1)
+    src_x = (sx - 0.5 + v).round().long().clamp(0, width - 1)
+    patch = image[:, src_y, src_x]  # 3 x H x W: the source pixel for every destination pixel
 
     if _uniform(g) < 0.7:  # re-light: brightness, contrast and a slight colour cast
         mean = patch[:, footprint].mean(dim=1)[:, None, None]

@@ -1,14 +1,22 @@
-"""Offline benchmark of the experts on categories in the MVTec AD layout: cost and quality, reproducible.
+"""Offline benchmark of the experts on categories in the MVTec AD layout: cost, quality and the operating
+point, reproducible, and the automatic choice judged on test labels it never saw.
 
-Per category, the normal training images are split exactly as training does (same seed), the backbone
-features of the fit part are computed once and shared by every expert, and each expert is fitted and
-then run on the full test set. Reported per (category, expert): fit time, inference ms/image and
-images/s (resize + backbone + expert, batch of `batch_size`), the stored state's size, and the image and
-pixel metrics, on full-resolution ground-truth masks.
+Per category, the normal training images are split by role exactly as adding the task does (same seed,
+pipeline.core.training). The automatic choice runs as it does live (same candidates, validation set,
+budgets, pipeline.core.expert_selection); every candidate it fitted, plus every requested expert outside
+the automatic pool at its first candidate spec, is then calibrated on the calibration split and run on
+the test set through the live path (frame-resolution maps). Reported per (category, expert, spec): fit
+time, ms per frame (measured on the test frames: views, backbone, expert, stitching), stored state size,
+validation score, image AUROC / AP, pixel AUROC, AUPRO, pixel AP and F1-max (full-resolution masks), and
+the operating point: recall and false-alarm rate at the calibrated threshold and recall at 1% false
+alarms from the ROC. False-alarm rates are measured on test/good plus the category's train/good images
+that no split used (hundreds more normals than test/good alone). One more row per category repeats the
+candidate the automatic choice kept, as `auto`; it was chosen without test labels.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -16,101 +24,162 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.features.backbone import Backbone
-from pipeline.data.datasets import labeled_test_images, read_mask, train_images
-from pipeline.data.metrics import image_metrics, pixel_metrics
-from pipeline.experts import build_expert
-from pipeline.features.imaging import decode_image, resize_rgb
-from pipeline.core.training import feature_batches, split_images
+from pipeline.core.expert_selection import AUTO_EXPERTS, Candidate, candidate_specs, choose, make_validation_set
+from pipeline.core.task_id import select_keys
+from pipeline.core.training import calibrate, load_frames, load_task_images, routing_tokens
+from pipeline.data.datasets import labeled_test_images, read_mask
+from pipeline.data.metrics import image_metrics, operating_point, pixel_metrics, recall_at_false_alarm_rate
+from pipeline.experts import Expert, build_expert
+from pipeline.experts.frames import fit_batches, run_on_frames
+from pipeline.features.backbone import Backbones
+from pipeline.features.imaging import decode_image
 from schemas.config import ModelConfig, TrainingConfig
+from schemas.spec import InputSpec
 
 _MAX_PIXELS = 100_000_000
+FAR_TARGET = 0.01
 
 
 @dataclass(frozen=True)
 class BenchmarkRow:
     category: str
-    expert: str
+    expert: str  # "auto" for the automatically chosen configuration's row
+    chosen_expert: str
+    spec: str
+    status: str  # the automatic choice's verdict: ok, over_budget, skipped (fitted here anyway), named
     num_fit_images: int
     num_test_images: int
+    num_far_normals: int  # normals behind the false-alarm rates: test/good + unused train/good
     fit_seconds: float
-    ms_per_image: float
-    images_per_second: float
+    ms_per_frame: float
     state_bytes: int
+    validation_score: float
     image_auroc: float
+    image_ap: float
     pixel_auroc: float
     aupro: float
     pixel_ap: float
     pixel_f1_max: float
-    image_ap: float
-    image_f1_max: float
+    recall_at_threshold: float
+    far_at_threshold: float
+    recall_at_1pct_far: float
+
+
+@dataclass
+class _TestData:
+    frames: list[np.ndarray]
+    labels: list[bool]
+    masks: list[np.ndarray] | None  # None: the category has no pixel masks (pixel metrics are NaN)
+    extra_normals: list[np.ndarray]  # unused train/good frames
 
 
 def benchmark_category(
     root: Path,
     category: str,
     experts: Sequence[str],
-    backbone: Backbone,
+    backbones: Backbones,
     model: ModelConfig,
     training: TrainingConfig,
     on_row: Callable[[BenchmarkRow], None] = lambda row: None,
+    on_progress: Callable[[float, str], None] = lambda fraction, message: None,
 ) -> list[BenchmarkRow]:
-    fit_paths, _held_out = split_images(train_images(root, category), training, model.seed, None)
-    fit_batches = list(feature_batches(backbone, fit_paths, model, training.batch_size, keys=False))
-    tests = labeled_test_images(root, category)
-    images = [decode_image(item.path.read_bytes(), _MAX_PIXELS) for item in tests]
-    masks = [read_mask(item.mask_path, image.shape[:2]) for item, image in zip(tests, images)]
-    labels = [item.is_anomalous for item in tests]
-    rows = []
-    for name in experts:
-        expert = build_expert(name, model)
-        started = time.perf_counter()
-        expert.fit(fit_batches, backbone)
-        fit_seconds = time.perf_counter() - started
-        scores, maps, seconds = _predict_all(expert, backbone, images, model.image_size, training.batch_size)
-        row = BenchmarkRow(
-            category=category,
-            expert=name,
-            num_fit_images=len(fit_paths),
-            num_test_images=len(images),
-            fit_seconds=fit_seconds,
-            ms_per_image=1000 * seconds / len(images),
-            images_per_second=len(images) / seconds,
-            state_bytes=len(expert.to_bytes()),
-            **image_metrics(labels, scores),
-            **_pixel_metrics(masks, maps),
-        )
+    images = load_task_images(Path(root) / category / "train" / "good", training, model.seed)
+    fit, validation_frames = images.frames["fit"], images.frames["validation"]
+    keys = select_keys(routing_tokens(backbones, fit, model, training.batch_size), model.num_keys, model.seed)
+    test = _load_test(root, category, images.splits.unused, training.min_image_side)
+
+    started = time.perf_counter()
+    auto = [Candidate(e, s) for e in AUTO_EXPERTS if e in experts for s in candidate_specs(e, fit)]
+    selection = choose(auto, fit, make_validation_set(validation_frames, model.seed), backbones, model, training,
+                       deadline=started + training.add_budget_s, on_progress=on_progress) if auto else None
+    rows: list[BenchmarkRow] = []
+
+    def add(expert: Expert, spec: InputSpec, fit_seconds: float, validation_score: float, status: str) -> BenchmarkRow:
+        row = _evaluate(category, expert, spec, expert.name, status, fit_seconds, validation_score, len(fit), test,
+                        backbones, keys, images.frames["calibration"], model, training)
         on_row(row)
         rows.append(row)
+        return row
+
+    def fit_here(name: str, spec: InputSpec) -> tuple[Expert, float]:
+        """Candidates the automatic choice did not fit (over budget, out of time, or outside its pool)."""
+        expert = build_expert(name, model)
+        t0 = time.perf_counter()
+        expert.fit(fit_batches(fit, spec, backbones, training.batch_size), backbones.for_spec(spec.backbone))
+        return expert, time.perf_counter() - t0
+
+    chosen_row = None
+    for result, fitted in zip(selection.results if selection else [], selection.fitted if selection else []):
+        if fitted is None and result.status == "failed":
+            continue
+        expert, fit_seconds = (fitted, result.fit_seconds) if fitted is not None else fit_here(result.expert, result.spec)
+        row = add(expert, result.spec, fit_seconds, result.score, result.status)
+        if selection.chosen is result:
+            chosen_row = row
+    for name in (e for e in experts if e not in AUTO_EXPERTS):
+        spec = candidate_specs(name, fit)[0]
+        expert, fit_seconds = fit_here(name, spec)
+        add(expert, spec, fit_seconds, math.nan, "named")
+    if chosen_row is not None:
+        auto_row = BenchmarkRow(**{**asdict(chosen_row), "expert": "auto"})
+        on_row(auto_row)
+        rows.append(auto_row)
     return rows
 
 
-def _predict_all(expert, backbone: Backbone, images: list[np.ndarray], size: int, batch_size: int):
-    scores, maps = [], []
+def _load_test(root: Path, category: str, unused: Sequence[Path], min_side: int) -> _TestData:
+    items = labeled_test_images(root, category)
+    frames = [decode_image(item.path.read_bytes(), _MAX_PIXELS) for item in items]
+    has_masks = any(item.mask_path is not None for item in items)
+    masks = [read_mask(item.mask_path, frame.shape[:2]) for item, frame in zip(items, frames)] if has_masks else None
+    extra, _, _ = load_frames(unused, min_side)
+    return _TestData(frames, [item.is_anomalous for item in items], masks, extra)
+
+
+def _evaluate(category: str, expert: Expert, spec: InputSpec, label: str, status: str, fit_seconds: float, validation_score: float,
+              num_fit: int, test: _TestData, backbones: Backbones, keys: np.ndarray, calibration_frames: list[np.ndarray],
+              model: ModelConfig, training: TrainingConfig) -> BenchmarkRow:
+    calibration = calibrate(expert, spec, backbones, keys, calibration_frames, model, training, FAR_TARGET)
     started = time.perf_counter()
-    for start in range(0, len(images), batch_size):
-        batch = backbone.extract([resize_rgb(image, size) for image in images[start : start + batch_size]], keys=False)
-        output = expert.predict(batch, backbone)
-        scores.extend(output.scores.tolist())
-        maps.extend(output.maps)
-    return scores, maps, time.perf_counter() - started
+    outputs = run_on_frames(expert, spec, backbones, test.frames, training.batch_size)
+    ms_per_frame = 1000 * (time.perf_counter() - started) / len(test.frames)
+    extra = run_on_frames(expert, spec, backbones, test.extra_normals, training.batch_size).scores if test.extra_normals else np.empty(0)
+    # Operating point: every test anomaly against every available normal (test/good + unused train/good).
+    op_labels = test.labels + [False] * len(extra)
+    op_scores = np.concatenate([outputs.scores, extra])
+    point = operating_point(op_labels, op_scores, calibration.threshold)
+    pixels = _pixel_metrics(test.masks, outputs.maps)
+    image = image_metrics(test.labels, outputs.scores)
+    return BenchmarkRow(
+        category=category, expert=label, chosen_expert=expert.name, spec=spec.describe(), status=status,
+        num_fit_images=num_fit, num_test_images=len(test.frames), num_far_normals=len(op_labels) - sum(op_labels),
+        fit_seconds=fit_seconds, ms_per_frame=ms_per_frame, state_bytes=len(expert.to_bytes()),
+        validation_score=validation_score, image_auroc=image["image_auroc"], image_ap=image["image_ap"], **pixels,
+        recall_at_threshold=point["recall"], far_at_threshold=point["false_alarm_rate"],
+        recall_at_1pct_far=recall_at_false_alarm_rate(op_labels, op_scores, FAR_TARGET),
+    )
 
 
-def _pixel_metrics(masks: list[np.ndarray], maps: list[np.ndarray]) -> dict[str, float]:
+def _pixel_metrics(masks: list[np.ndarray] | None, maps: list[np.ndarray]) -> dict[str, float]:
+    keys = ("pixel_auroc", "aupro", "pixel_ap", "pixel_f1_max")
+    if masks is None:
+        return {key: math.nan for key in keys}
     values = pixel_metrics(masks, maps)
-    return {key: values[key] for key in ("pixel_auroc", "aupro", "pixel_ap", "pixel_f1_max")}
+    return {key: values[key] for key in keys}
 
 
 def markdown_table(rows: Sequence[BenchmarkRow]) -> str:
     lines = [
-        "| category | expert | fit s | ms/image | images/s | state MB | image AUROC | pixel AUROC | AUPRO | pixel AP | pixel F1-max |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| category | expert | input spec | choice | fit s | ms/frame | state MB | val score | image AUROC | pixel AUROC "
+        "| AUPRO | pixel AP | recall @thr | FAR @thr | recall @1% FAR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        name = f"**auto → {r.chosen_expert}**" if r.expert == "auto" else r.expert
         lines.append(
-            f"| {r.category} | {r.expert} | {r.fit_seconds:.1f} | {r.ms_per_image:.1f} | {r.images_per_second:.1f} "
-            f"| {r.state_bytes / 1e6:.2f} | {r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.aupro:.4f} "
-            f"| {r.pixel_ap:.4f} | {r.pixel_f1_max:.4f} |"
+            f"| {r.category} | {name} | {r.spec} | {r.status} | {r.fit_seconds:.1f} | {r.ms_per_frame:.1f} | {r.state_bytes / 1e6:.2f} "
+            f"| {r.validation_score:.4f} | {r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.aupro:.4f} | {r.pixel_ap:.4f} "
+            f"| {r.recall_at_threshold:.3f} | {r.far_at_threshold:.3f} | {r.recall_at_1pct_far:.3f} |"
         )
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.experts.base import Expert, ExpertOutput
+from pipeline.experts.dinov2 import DINOv2Patch, DINOv2PatchConfig
 from pipeline.experts.fcdd import FCDD, FCDDConfig
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
 from pipeline.experts.reverse_distillation import ReverseDistillation, ReverseDistillationConfig
@@ -15,6 +16,7 @@ EXPERT_TYPES: dict[str, type[Expert]] = {
     ReverseDistillation.name: ReverseDistillation,
     FCDD.name: FCDD,
     UCAD.name: UCAD,
+    DINOv2Patch.name: DINOv2Patch,
 }
 
 
@@ -37,6 +39,8 @@ def build_expert(name: str, config: ModelConfig) -> Expert:
         return FCDD(FCDDConfig(seed=config.seed))
     if name == UCAD.name:
         return UCAD(UCADConfig(num_neighbors=config.num_neighbors, map_sigma=config.map_sigma, seed=config.seed))
+    if name == DINOv2Patch.name:
+        return DINOv2Patch(DINOv2PatchConfig(map_sigma=config.map_sigma, seed=config.seed))
     raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
 
 

@@ -16,16 +16,22 @@ import numpy as np
 
 from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.common.serialization import unpack
+from schemas.spec import CNN_BACKBONES
 
 
 @dataclass
 class ExpertOutput:
     scores: np.ndarray  # B, raw image scores (higher = more anomalous)
-    maps: np.ndarray  # B x S x S raw pixel scores at the backbone input resolution
+    maps: np.ndarray  # B x H x W raw pixel scores at the batch's input resolution
 
 
 class Expert(ABC):
     name: ClassVar[str]
+    # InputSpec backbones the expert works on (schemas.spec); CNN experts read the batch's stages, ViT
+    # experts run the shared ViT on the batch's pixels themselves (the CNN is then not run at all).
+    backbones: ClassVar[tuple[str, ...]] = CNN_BACKBONES
+    # True: square inputs only (its training-time generators or region masks assume a square canvas).
+    square_inputs: ClassVar[bool] = False
 
     @abstractmethod
     def fit(self, batches: Sequence[FeatureBatch], backbone: Backbone) -> None:
@@ -36,6 +42,11 @@ class Expert(ABC):
     def predict(self, batch: FeatureBatch, backbone: Backbone | None = None) -> ExpertOutput:
         """Scores and maps of a batch. `backbone` made the batch; experts that run part of it again
         (UCAD's prompted ViT) need it, those working on the shared features alone ignore it."""
+
+    def vit_layers(self) -> tuple[int, ...]:
+        """Unprompted ViT blocks this expert reads from `batch.tokens` when the caller computed them (it
+        runs the ViT itself otherwise); () for experts that never read them."""
+        return ()
 
     def fit_summary(self) -> dict:
         """What the last fit did (JSON-able), for training events and provenance; {} if nothing to say."""

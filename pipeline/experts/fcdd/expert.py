@@ -67,6 +67,7 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 class FCDD(Expert):
     name = "fcdd"
+    square_inputs = True  # its outlier exposure (pipeline.data.synthetic_anomalies) draws on square canvases
 
     def __init__(self, config: FCDDConfig = FCDDConfig()):
         self.config = config
@@ -196,7 +197,7 @@ class FCDD(Expert):
         with torch.no_grad():
             flat = heatmaps.flatten(1)
             scores = flat.mean(dim=1) if cfg.image_score == "mean" else flat.amax(dim=1)
-            maps = receptive_upsample(heatmaps, batch.image_size, cfg.output_stride, cfg.map_kernel_size, cfg.map_sigma)
+            maps = receptive_upsample(heatmaps, batch.image_hw, cfg.output_stride, cfg.map_kernel_size, cfg.map_sigma)
         return ExpertOutput(scores=scores.numpy().astype(np.float32), maps=maps.numpy().astype(np.float32))
 
     # ----------------------------------------------------------------------------------- storage

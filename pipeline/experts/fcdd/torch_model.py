@@ -84,8 +84,8 @@ def upsample_matrix(size: int, cells: int, stride: int, kernel_size: int, sigma:
     return (weights / weights.sum(dim=1, keepdim=True)).float()
 
 
-def receptive_upsample(heatmaps: torch.Tensor, size: int, stride: int, kernel_size: int, sigma: float) -> torch.Tensor:
-    """FCDD's Gaussian receptive-field upsampling of B x 1 x h x w heatmaps to B x size x size.
+def receptive_upsample(heatmaps: torch.Tensor, image_hw: tuple[int, int], stride: int, kernel_size: int, sigma: float) -> torch.Tensor:
+    """FCDD's Gaussian receptive-field upsampling of B x 1 x h x w heatmaps to B x H x W.
 
     The paper's transposed convolution with a fixed kernel_size x kernel_size Gaussian at stride =
     the output stride: each low-resolution cell spreads its value over its receptive field, centred on
@@ -95,8 +95,8 @@ def receptive_upsample(heatmaps: torch.Tensor, size: int, stride: int, kernel_si
     weights (the same upsampling of a map of ones), a normalised convolution: values keep the scale of
     A, and pixels near the border, where fewer cells reach, are not pulled towards zero."""
     h, w = heatmaps.shape[-2:]
-    rows = upsample_matrix(size, h, stride, kernel_size, sigma).to(heatmaps.device, heatmaps.dtype)
-    cols = upsample_matrix(size, w, stride, kernel_size, sigma).to(heatmaps.device, heatmaps.dtype)
+    rows = upsample_matrix(image_hw[0], h, stride, kernel_size, sigma).to(heatmaps.device, heatmaps.dtype)
+    cols = upsample_matrix(image_hw[1], w, stride, kernel_size, sigma).to(heatmaps.device, heatmaps.dtype)
     return rows @ heatmaps[:, 0] @ cols.T
 
 

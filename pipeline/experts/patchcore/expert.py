@@ -44,7 +44,7 @@ class PatchCore(Expert):
     def predict(self, batch: FeatureBatch, backbone: Backbone | None = None) -> ExpertOutput:
         if self.memory is None:
             raise RuntimeError("PatchCore.predict before fit/from_bytes")
-        scores, maps = self.memory.score(embed_patches(batch, PATCH_STAGES), batch.image_size, self.config.map_sigma)
+        scores, maps = self.memory.score(embed_patches(batch, PATCH_STAGES), batch.image_hw, self.config.map_sigma)
         return ExpertOutput(scores=scores, maps=maps)
 
     def to_bytes(self) -> bytes:

@@ -34,8 +34,8 @@ class MemoryBank:
     def __len__(self) -> int:
         return len(self.bank)
 
-    def score(self, query: torch.Tensor, image_size: int, map_sigma: float) -> tuple[np.ndarray, np.ndarray]:
-        """B x h x w x D query patches -> (B image scores, B x S x S smoothed maps), float32."""
+    def score(self, query: torch.Tensor, image_hw: tuple[int, int], map_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+        """B x h x w x D query patches -> (B image scores, B x H x W smoothed maps), float32."""
         b, h, w, d = query.shape
         flat = np.ascontiguousarray(query.reshape(b * h * w, d).float().cpu().numpy())
         sq_dist, index = self._index.search(flat, 1)
@@ -44,5 +44,5 @@ class MemoryBank:
         scores = reweighted_image_scores(
             torch.from_numpy(flat).view(b, h * w, d), nn_dist, nn_index, self._bank_neighbours, torch.from_numpy(self.bank)
         )
-        maps = upsample_maps(nn_dist.view(b, h, w), image_size, map_sigma)
+        maps = upsample_maps(nn_dist.view(b, h, w), image_hw, map_sigma)
         return scores.numpy().astype(np.float32), maps.numpy().astype(np.float32)

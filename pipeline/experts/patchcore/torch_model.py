@@ -66,7 +66,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
-def upsample_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """B x h x w patch scores -> B x size x size smoothed pixel map."""
-    maps = F.interpolate(patch_scores[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+def upsample_maps(patch_scores: torch.Tensor, image_hw: tuple[int, int], sigma: float) -> torch.Tensor:
+    """B x h x w patch scores -> B x H x W smoothed pixel map."""
+    maps = F.interpolate(patch_scores[:, None], size=tuple(image_hw), mode="bilinear", align_corners=False)[:, 0]
     return gaussian_blur(maps, sigma)

@@ -122,7 +122,7 @@ class ReverseDistillation(Expert):
             raise RuntimeError("ReverseDistillation.predict before fit/from_bytes")
         with torch.no_grad():
             teacher = [batch.stages[s].float().cpu() for s in TEACHER_STAGES]
-            maps = anomaly_maps(teacher, self.net(teacher), batch.image_size, self.config.map_sigma)
+            maps = anomaly_maps(teacher, self.net(teacher), batch.image_hw, self.config.map_sigma)
             scores = maps.flatten(1).amax(dim=1)
         return ExpertOutput(scores=scores.numpy().astype(np.float32), maps=maps.numpy().astype(np.float32))
 

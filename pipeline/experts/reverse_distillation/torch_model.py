@@ -139,8 +139,8 @@ def per_image_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tens
 
 
 def anomaly_maps(
-    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], size: int, sigma: float
+    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], image_hw: tuple[int, int], sigma: float
 ) -> torch.Tensor:
-    """B x size x size: per-scale 1 - cos upsampled bilinearly to the input size, summed, then smoothed."""
-    total = sum(upsample_maps(d, size, 0.0) for d in cosine_distance_maps(teacher, student))
+    """B x H x W: per-scale 1 - cos upsampled bilinearly to the input size, summed, then smoothed."""
+    total = sum(upsample_maps(d, image_hw, 0.0) for d in cosine_distance_maps(teacher, student))
     return gaussian_blur(total, sigma)

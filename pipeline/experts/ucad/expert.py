@@ -21,6 +21,7 @@ from pipeline.experts.patchcore.memory_bank import MemoryBank
 from pipeline.experts.ucad.torch_model import init_prompts, knowledge_features, structure_contrastive_loss
 from pipeline.features.segmentation import MaskCache, MaskerConfig, StructureMasker, patch_labels
 from pipeline.common.serialization import pack
+from schemas.spec import VIT_BACKBONE
 
 # Image (H x W x 3 uint8) -> H x W int region labels, 0 = no region. Default: cached MobileSAM masks.
 RegionLabeler = Callable[[np.ndarray], np.ndarray]
@@ -67,6 +68,8 @@ class PromptReport:
 
 class UCAD(Expert):
     name = "ucad"
+    backbones = (VIT_BACKBONE,)
+    square_inputs = True  # Segment-Anything's region labels are pooled onto a square token grid
 
     def __init__(self, config: UCADConfig = UCADConfig(), labeler: RegionLabeler | None = None):
         self.config = config
@@ -141,7 +144,7 @@ class UCAD(Expert):
         _vit_of(backbone)
         with torch.no_grad():
             query = self._features(backbone, backbone.vit_pixels(batch.pixels))
-        scores, maps = self.memory.score(query, batch.image_size, self.config.map_sigma)
+        scores, maps = self.memory.score(query, batch.image_hw, self.config.map_sigma)
         return ExpertOutput(scores=scores, maps=maps)
 
     # ----------------------------------------------------------------------------------- storage

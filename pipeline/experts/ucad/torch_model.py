@@ -24,14 +24,14 @@ def init_prompts(vit: ViTBackbone, pixels: torch.Tensor, num_layers: int, num_to
 
 
 def knowledge_features(vit: ViTBackbone, pixels: torch.Tensor, layers: Sequence[int], prompts: torch.Tensor) -> torch.Tensor:
-    """B x g x g x (len(layers) * D) locally aware prompted patch features: each layer's tokens averaged
+    """B x rows x cols x (len(layers) * D) locally aware prompted patch features: each layer's tokens averaged
     over their 3 x 3 token neighbourhood (PatchCore's local aggregation), layers concatenated."""
     tokens = vit.multi_layer_tokens(pixels, layers, prompts)
-    grid = vit.grid
+    rows, cols = vit.token_grid(*pixels.shape[-2:])
     maps = []
     for layer in layers:
         t = tokens[layer]  # B x P x D
-        grid_map = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], grid, grid)
+        grid_map = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], rows, cols)
         maps.append(F.avg_pool2d(grid_map, kernel_size=3, stride=1, padding=1, count_include_pad=False))
     return torch.cat(maps, dim=1).permute(0, 2, 3, 1).contiguous()
 
