@@ -261,3 +261,34 @@ def test_automatic_choice_judges_every_candidate_on_validation_and_keeps_the_bes
     assert all(0.0 <= c["image_auroc"] <= 1.0 and c["ms_per_frame"] > 0 for c in eligible)
     assert any(m.startswith("chose ") for m in progress)  # the reason reaches the training events
     assert type(load_expert(artifacts.expert_name, artifacts.expert_state)).name == artifacts.expert_name
+
+
+@pytest.mark.integration
+def test_a_task_at_routings_geometry_reads_routings_vit_pass(backbones: Backbones, data_root: Path,
+                                                            redis_client: redis.Redis, monkeypatch) -> None:
+    """No work done twice: a ViT expert whose spec is routing's own squeeze and whose blocks are no deeper
+    than the keys gets its tokens from the routing pass; the ViT runs once per batch."""
+    from pipeline.core.calibration import Calibration
+    from pipeline.experts.dinov2 import DINOv2Patch, DINOv2PatchConfig
+    from schemas.spec import routing_spec
+
+    spec = routing_spec(MODEL.image_size)
+    frames, _, _ = load_frames(list_images(data_root / "brick" / "train" / "good")[:6], 32)
+    expert = DINOv2Patch(DINOv2PatchConfig(layers=(5, 7), final_norm=False, masking="off"))
+    from pipeline.experts.frames import fit_batches
+
+    expert.fit(fit_batches(frames, spec, backbones, 8), backbones.default)
+    keys = np.random.default_rng(0).normal(size=(4, backbones.vit.embed_dim)).astype(np.float32)
+    calibration = Calibration.from_normals(np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.array([1e6]), 0.1, 1.0)
+    store = KnowledgeStore(redis_client, namespace="test-shared-pass")
+    store.publish(TaskArtifacts("brick", "dinov2", keys, expert.to_bytes(), calibration, {}, spec))
+    inspector = Inspector(backbones, MODEL)
+    inspector.sync(store)
+    assert inspector.shared_layers() == (5, 7)
+    calls = []
+    original = backbones.vit.multi_layer_tokens
+    monkeypatch.setattr(backbones.vit, "multi_layer_tokens", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    results, _ = inspector.inspect(frames[:3])
+    assert [tuple(c) for c in calls] == [(5, 7)]  # one forward: keys (block 7) and the expert's blocks together
+    alone = run_on_frames(expert, spec, backbones, frames[:3])  # the expert running the ViT itself
+    np.testing.assert_allclose([r.score_raw for r in results], alone.scores, rtol=1e-5)

@@ -115,10 +115,34 @@ def test_only_the_prompt_is_trained(fitted, backbone: Backbone) -> None:
     expert, context = fitted
     assert _state_digest(backbone) == context["vit_before"]  # the shared ViT (and CNN) never change
     c = expert.config
-    assert expert.prompts.shape == (max(c.knowledge_layers) + 1, c.prompt_tokens, backbone.vit.embed_dim)
+    report = expert.report
+    tokens = c.prompt_tokens if report.kept_epoch else 0  # no prompt kept: zero tokens
+    assert expert.prompts.shape == (max(c.knowledge_layers) + 1, tokens, backbone.vit.embed_dim)
     assert not expert.prompts.requires_grad
-    losses = expert.report.losses
+    losses = report.losses
     assert len(losses) == c.prompt_epochs and losses[-1] < losses[0]  # the contrastive objective improves
+
+
+def test_the_prompt_is_kept_only_where_it_helps_on_validation(fitted) -> None:
+    """Validation AUROC without a prompt and after each epoch (held-out normals + synthetic anomalies); the
+    best is kept, the plain ViT on ties, and the fit summary carries the ablation."""
+    expert, _ = fitted
+    report, summary = expert.report, expert.fit_summary()
+    assert len(report.validation_auroc) == expert.config.prompt_epochs + 1
+    best = max(range(len(report.validation_auroc)), key=lambda i: (report.validation_auroc[i], -i))
+    assert report.kept_epoch == best
+    assert summary["prompt_kept"] == (best > 0) and summary["validation_auroc_no_prompt"] == round(report.validation_auroc[0], 4)
+
+
+def test_an_unhelpful_prompt_leaves_unprompted_knowledge(backbone: Backbone, brick: Path) -> None:
+    """When no epoch beats the plain ViT, the stored knowledge is exactly the unprompted features'."""
+    pixels = [load_pixels(p, IMAGE_SIZE) for p in train_images(brick, "brick")]
+    batches = [backbone.extract(pixels)]
+    zero_epochs = UCAD(UCADConfig(**{**FAST.__dict__, "prompt_epochs": 0}), labeler=stripes_labeler)
+    zero_epochs.fit(batches, backbone)
+    assert zero_epochs.prompts.shape[1] == 0 and zero_epochs.report.kept_epoch == 0
+    loaded = load_expert("ucad", zero_epochs.to_bytes())
+    np.testing.assert_array_equal(loaded.predict(batches[0], backbone).scores, zero_epochs.predict(batches[0], backbone).scores)
 
 
 def test_knowledge_is_a_coreset_of_prompted_features(fitted, backbone: Backbone) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from pipeline.core.training import calibrate, load_frames, load_task_images, rou
 from pipeline.data.datasets import labeled_test_images, read_mask
 from pipeline.data.metrics import image_metrics, operating_point, pixel_metrics, recall_at_false_alarm_rate
 from pipeline.experts import Expert, build_expert
+from pipeline.experts.ucad import UCAD
 from pipeline.experts.frames import fit_batches, run_on_frames
 from pipeline.features.backbone import Backbones
 from pipeline.features.imaging import decode_image
@@ -63,6 +64,7 @@ class BenchmarkRow:
     recall_at_threshold: float
     far_at_threshold: float
     recall_at_1pct_far: float
+    note: str = ""  # e.g. UCAD's prompt ablation on validation
 
 
 @dataclass
@@ -94,16 +96,17 @@ def benchmark_category(
                        deadline=started + training.add_budget_s, on_progress=on_progress) if auto else None
     rows: list[BenchmarkRow] = []
 
-    def add(expert: Expert, spec: InputSpec, fit_seconds: float, validation_score: float, status: str) -> BenchmarkRow:
-        row = _evaluate(category, expert, spec, expert.name, status, fit_seconds, validation_score, len(fit), test,
-                        backbones, keys, images.frames["calibration"], model, training)
+    def add(expert: Expert, spec: InputSpec, fit_seconds: float, validation_score: float, status: str,
+            label: str | None = None) -> BenchmarkRow:
+        row = _evaluate(category, expert, spec, label or expert.name, status, fit_seconds, validation_score, len(fit),
+                        test, backbones, keys, images.frames["calibration"], model, training)
         on_row(row)
         rows.append(row)
         return row
 
-    def fit_here(name: str, spec: InputSpec) -> tuple[Expert, float]:
+    def fit_here(name: str, spec: InputSpec, expert: Expert | None = None) -> tuple[Expert, float]:
         """Candidates the automatic choice did not fit (over budget, out of time, or outside its pool)."""
-        expert = build_expert(name, model)
+        expert = expert or build_expert(name, model)
         t0 = time.perf_counter()
         expert.fit(fit_batches(fit, spec, backbones, training.batch_size), backbones.for_spec(spec.backbone))
         return expert, time.perf_counter() - t0
@@ -120,6 +123,9 @@ def benchmark_category(
         spec = candidate_specs(name, fit)[0]
         expert, fit_seconds = fit_here(name, spec)
         add(expert, spec, fit_seconds, math.nan, "named")
+        if isinstance(expert, UCAD):  # the prompt ablation: the same knowledge without any prompt
+            plain, plain_seconds = fit_here(name, spec, UCAD(replace(expert.config, prompt_epochs=0)))
+            add(plain, spec, plain_seconds, math.nan, "ablation", label="ucad (no prompt)")
     if chosen_row is not None:
         auto_row = BenchmarkRow(**{**asdict(chosen_row), "expert": "auto"})
         on_row(auto_row)
@@ -150,13 +156,19 @@ def _evaluate(category: str, expert: Expert, spec: InputSpec, label: str, status
     point = operating_point(op_labels, op_scores, calibration.threshold)
     pixels = _pixel_metrics(test.masks, outputs.maps)
     image = image_metrics(test.labels, outputs.scores)
+    summary = expert.fit_summary()
+    note = ""
+    if "validation_auroc_no_prompt" in summary:
+        kept = f"prompt of epoch {summary['prompt_epoch_kept']} kept" if summary["prompt_kept"] else "no prompt kept"
+        note = (f"{kept}; validation AUROC without prompt {summary['validation_auroc_no_prompt']:.4f}, per epoch "
+                + ", ".join(f"{v:.4f}" for v in summary["validation_auroc_per_epoch"]))
     return BenchmarkRow(
         category=category, expert=label, chosen_expert=expert.name, spec=spec.describe(), status=status,
         num_fit_images=num_fit, num_test_images=len(test.frames), num_far_normals=len(op_labels) - sum(op_labels),
         fit_seconds=fit_seconds, ms_per_frame=ms_per_frame, state_bytes=len(expert.to_bytes()),
         validation_score=validation_score, image_auroc=image["image_auroc"], image_ap=image["image_ap"], **pixels,
         recall_at_threshold=point["recall"], far_at_threshold=point["false_alarm_rate"],
-        recall_at_1pct_far=recall_at_false_alarm_rate(op_labels, op_scores, FAR_TARGET),
+        recall_at_1pct_far=recall_at_false_alarm_rate(op_labels, op_scores, FAR_TARGET), note=note,
     )
 
 
@@ -181,7 +193,8 @@ def markdown_table(rows: Sequence[BenchmarkRow]) -> str:
             f"| {r.validation_score:.4f} | {r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.aupro:.4f} | {r.pixel_ap:.4f} "
             f"| {r.recall_at_threshold:.3f} | {r.far_at_threshold:.3f} | {r.recall_at_1pct_far:.3f} |"
         )
-    return "\n".join(lines)
+    notes = [f"- {r.category} / {r.expert}: {r.note}" for r in rows if r.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def rows_as_dicts(rows: Sequence[BenchmarkRow]) -> list[dict]:

@@ -23,7 +23,7 @@ def init_prompts(vit: ViTBackbone, pixels: torch.Tensor, num_layers: int, num_to
     return means[:, None, :] + noise
 
 
-def knowledge_features(vit: ViTBackbone, pixels: torch.Tensor, layers: Sequence[int], prompts: torch.Tensor) -> torch.Tensor:
+def knowledge_features(vit: ViTBackbone, pixels: torch.Tensor, layers: Sequence[int], prompts: torch.Tensor | None) -> torch.Tensor:
     """B x rows x cols x (len(layers) * D) locally aware prompted patch features: each layer's tokens averaged
     over their 3 x 3 token neighbourhood (PatchCore's local aggregation), layers concatenated."""
     tokens = vit.multi_layer_tokens(pixels, layers, prompts)
