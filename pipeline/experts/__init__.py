@@ -5,6 +5,7 @@ from __future__ import annotations
 from pipeline.experts.base import Expert, ExpertOutput
 from pipeline.experts.dinov2 import DINOv2Patch, DINOv2PatchConfig
 from pipeline.experts.fcdd import FCDD, FCDDConfig
+from pipeline.experts.panda import PANDA, PANDAConfig
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
 from pipeline.experts.reverse_distillation import ReverseDistillation, ReverseDistillationConfig
 from pipeline.experts.ucad import UCAD, UCADConfig
@@ -17,6 +18,7 @@ EXPERT_TYPES: dict[str, type[Expert]] = {
     FCDD.name: FCDD,
     UCAD.name: UCAD,
     DINOv2Patch.name: DINOv2Patch,
+    PANDA.name: PANDA,
 }
 
 
@@ -39,6 +41,8 @@ def build_expert(name: str, config: ModelConfig) -> Expert:
         return FCDD(FCDDConfig(seed=config.seed))
     if name == UCAD.name:
         return UCAD(UCADConfig(num_neighbors=config.num_neighbors, map_sigma=config.map_sigma, seed=config.seed))
+    if name == PANDA.name:  # DN2's k (2) is not PatchCore's re-weighting b: it keeps its own default
+        return PANDA(PANDAConfig(map_sigma=config.map_sigma, seed=config.seed))
     if name == DINOv2Patch.name:
         return DINOv2Patch(DINOv2PatchConfig(map_sigma=config.map_sigma, seed=config.seed))
     raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")

@@ -67,7 +67,6 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 class FCDD(Expert):
     name = "fcdd"
-    square_inputs = True  # its outlier exposure (pipeline.data.synthetic_anomalies) draws on square canvases
 
     def __init__(self, config: FCDDConfig = FCDDConfig()):
         self.config = config

@@ -69,15 +69,15 @@ from pipeline.experts.panda.torch_model import (
     PANDANet,
     auroc,
     build_networks,
-    log_separation,
-    validation_loss,
     compactness_loss,
     diagonal_fisher,
     ewc_penalty,
     half_stored,
     knn_scores,
+    log_separation,
     round_to_half,
     spade_maps,
+    validation_loss,
 )
 from pipeline.experts.patchcore.torch_model import upsample_maps
 from pipeline.experts.reverse_distillation.expert import flush_denormals
@@ -151,7 +151,7 @@ class PANDA(Expert):
     # ----------------------------------------------------------------------------------- fitting
     def fit(self, batches: Sequence[FeatureBatch], backbone: Backbone) -> None:
         if backbone is None:
-            raise ValueError("PANDA.fit needs the backbone: its blocks are copied and it embeds the synthetic anomalies")
+            raise ValueError("PANDA.fit needs the backbone: it copies its blocks and embeds synthetic anomalies")
         if not batches:
             raise ValueError("PANDA.fit needs at least one batch of normal images")
         cfg = self.config
@@ -171,11 +171,13 @@ class PANDA(Expert):
             if cfg.ewc_lambda > 0 and cfg.max_epochs > 0:
                 g = _generator(cfg.seed, 1)
                 pick = torch.randperm(len(train_idx), generator=g)[: cfg.fisher_images].sort().values
-                fisher = diagonal_fisher(ImageNetClassifier(net, classifier.to(device)), stage2[train_t[pick.to(device)]], g)
+                images = stage2[train_t[pick.to(device)]]
+                fisher = diagonal_fisher(ImageNetClassifier(net, classifier.to(device)), images, g)
             del classifier
 
             val_normal = stage2[torch.tensor(val_idx, dtype=torch.long, device=device)]
-            val_anomalous = self._synthetic_stage2(backbone, batches, val_idx * cfg.anomalies_per_image, _generator(cfg.seed, 2))
+            val_anomalous = self._synthetic_stage2(backbone, batches, val_idx * cfg.anomalies_per_image,
+                                                   _generator(cfg.seed, 2))  # fmt: skip
 
             history: list[dict] = []
             stopping = EarlyStopping(cfg.patience)
@@ -323,7 +325,8 @@ class PANDA(Expert):
         with torch.no_grad():
             maps, globals_ = self.net(batch.stages[START_STAGE].float().cpu())
             scores = knn_scores(globals_, self.gallery_globals, cfg.num_neighbors)
-            patch = spade_maps(maps, globals_, self.gallery_globals[self.map_images], self.gallery_maps, cfg.map_neighbors)
+            patch = spade_maps(maps, globals_, self.gallery_globals[self.map_images], self.gallery_maps,
+                               cfg.map_neighbors)  # fmt: skip
             pixel_maps = upsample_maps(patch, batch.image_hw, cfg.map_sigma)
         return ExpertOutput(scores=scores.numpy().astype(np.float32), maps=pixel_maps.numpy().astype(np.float32))
 

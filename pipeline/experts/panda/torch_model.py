@@ -22,7 +22,6 @@ from collections.abc import Iterable
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 START_STAGE = 2  # the frozen backbone stage the adapted network starts from (stride 8)
