@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--expert", action="append", default=None, help="default: every expert")
     bench.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images)
     bench.add_argument("--seed", type=int, default=ModelConfig().seed)
+    bench.add_argument("--judge-all", action="store_true", help="also fit and test the candidates the automatic "
+                       "choice leaves unfitted (over the per-frame budget or out of time)")
     bench.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     bench.set_defaults(handler=_bench)
 
@@ -247,7 +249,7 @@ def _bench(args: argparse.Namespace) -> int:
             args.root, category, args.expert or list(EXPERT_TYPES), backbones, model, training,
             on_row=lambda row: log.info("%s/%s @ %s: image AUROC %.4f, recall@1%%FAR %.3f, %.0f ms/frame", row.category,
                                         row.expert, row.spec, row.image_auroc, row.recall_at_1pct_far, row.ms_per_frame),
-            on_progress=lambda fraction, message, c=category: log.info("%s: %s", c, message),
+            on_progress=lambda fraction, message, c=category: log.info("%s: %s", c, message), judge_all=args.judge_all,
         )
     print(markdown_table(rows))
     if args.json:

@@ -84,7 +84,10 @@ def benchmark_category(
     training: TrainingConfig,
     on_row: Callable[[BenchmarkRow], None] = lambda row: None,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
+    judge_all: bool = False,
 ) -> list[BenchmarkRow]:
+    """`judge_all`: also fit and test the candidates the automatic choice left unfitted (over the per-frame
+    budget or out of time); by default they get a row with their verdict and no test metrics."""
     images = load_task_images(Path(root) / category / "train" / "good", training, model.seed)
     fit, validation_frames = images.frames["fit"], images.frames["validation"]
     keys = select_keys(routing_tokens(backbones, fit, model, training.batch_size), model.num_keys, model.seed)
@@ -115,6 +118,11 @@ def benchmark_category(
     for result, fitted in zip(selection.results if selection else [], selection.fitted if selection else []):
         if fitted is None and result.status == "failed":
             continue
+        if fitted is None and not judge_all:
+            row = _unjudged(category, result, len(fit), len(test.frames))
+            on_row(row)
+            rows.append(row)
+            continue
         expert, fit_seconds = (fitted, result.fit_seconds) if fitted is not None else fit_here(result.expert, result.spec)
         row = add(expert, result.spec, fit_seconds, result.score, result.status)
         if selection.chosen is result:
@@ -131,6 +139,16 @@ def benchmark_category(
         on_row(auto_row)
         rows.append(auto_row)
     return rows
+
+
+def _unjudged(category: str, result, num_fit: int, num_test: int) -> BenchmarkRow:
+    """A candidate the automatic choice did not fit: its verdict and measured cost, no test metrics."""
+    nan = math.nan
+    return BenchmarkRow(category=category, expert=result.expert, chosen_expert=result.expert, spec=result.spec.describe(),
+                        status=result.status, num_fit_images=num_fit, num_test_images=num_test, num_far_normals=0,
+                        fit_seconds=nan, ms_per_frame=result.ms_per_frame, state_bytes=0, validation_score=nan,
+                        image_auroc=nan, image_ap=nan, pixel_auroc=nan, aupro=nan, pixel_ap=nan, pixel_f1_max=nan,
+                        recall_at_threshold=nan, far_at_threshold=nan, recall_at_1pct_far=nan, note=result.detail)
 
 
 def _load_test(root: Path, category: str, unused: Sequence[Path], min_side: int) -> _TestData:
@@ -180,6 +198,10 @@ def _pixel_metrics(masks: list[np.ndarray] | None, maps: list[np.ndarray]) -> di
     return {key: values[key] for key in keys}
 
 
+def _cell(value: float, digits: int = 4) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
 def markdown_table(rows: Sequence[BenchmarkRow]) -> str:
     lines = [
         "| category | expert | input spec | choice | fit s | ms/frame | state MB | val score | image AUROC | pixel AUROC "
@@ -188,11 +210,10 @@ def markdown_table(rows: Sequence[BenchmarkRow]) -> str:
     ]
     for r in rows:
         name = f"**auto → {r.chosen_expert}**" if r.expert == "auto" else r.expert
-        lines.append(
-            f"| {r.category} | {name} | {r.spec} | {r.status} | {r.fit_seconds:.1f} | {r.ms_per_frame:.1f} | {r.state_bytes / 1e6:.2f} "
-            f"| {r.validation_score:.4f} | {r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.aupro:.4f} | {r.pixel_ap:.4f} "
-            f"| {r.recall_at_threshold:.3f} | {r.far_at_threshold:.3f} | {r.recall_at_1pct_far:.3f} |"
-        )
+        cells = [_cell(r.fit_seconds, 1), _cell(r.ms_per_frame, 0), _cell(r.state_bytes / 1e6 if r.state_bytes else math.nan, 2),
+                 _cell(r.validation_score), _cell(r.image_auroc), _cell(r.pixel_auroc), _cell(r.aupro), _cell(r.pixel_ap),
+                 _cell(r.recall_at_threshold, 3), _cell(r.far_at_threshold, 3), _cell(r.recall_at_1pct_far, 3)]
+        lines.append(f"| {r.category} | {name} | {r.spec} | {r.status} | " + " | ".join(cells) + " |")
     notes = [f"- {r.category} / {r.expert}: {r.note}" for r in rows if r.note]
     return "\n".join(lines + ([""] + notes if notes else []))
 
