@@ -182,8 +182,9 @@ def _print_report(report: dict) -> None:
         f"throughput {report['frames_per_second']:.2f} frames/s; end-to-end latency p50 {latency['p50']:.0f} ms, "
         f"p95 {latency['p95']:.0f} ms, max {latency['max']:.0f} ms",
         "mean stage ms (batched stages per batch): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()),
-        "training: " + "; ".join(
-            f"{name} {t['training_seconds']} s, {t['stored_bytes'] / 1e6:.2f} MB stored" for name, t in report["training"].items()
+        "training (automatic choice): " + "; ".join(
+            f"{name}: {t.get('expert')} @ {t.get('input_spec')}, {t.get('expert_ms_per_frame')} ms/frame, "
+            f"{t['training_seconds']} s, {t['stored_bytes'] / 1e6:.2f} MB stored" for name, t in report["training"].items()
         ),
         f"metrics: Prometheus {report['metrics_urls']['prometheus'] or '(not installed)'}; workers "
         + ", ".join(report["workers"].values()),

@@ -8,8 +8,10 @@ cut-paste, so validating on those would favour it). Frames go through the live p
 (pipeline.experts.frames) at full resolution, which also measures each candidate's cost per frame.
 
 The score is (2 x image AUROC + pixel AUROC) / 3: whether a part is defective comes first, where second.
-A candidate whose cost passes `expert_budget_ms` is not eligible; once the time to add the task would
-pass `add_budget_s`, no further candidate is tried. Real anomalies are never seen. Every candidate's
+Candidates are tried cheapest first (by their backbone's measured cost); one whose expert stage costs
+more than `expert_budget_ms` per frame is not eligible, and once the time to add the task would pass
+`add_budget_s`, no further candidate is tried (choose() says how both are estimated before fitting).
+Real anomalies are never seen. Every candidate's
 result travels with the task's metadata and the training events.
 """
 
@@ -27,6 +29,7 @@ from pipeline.data.validation_anomalies import make_validation_anomalies
 from pipeline.experts import EXPERT_TYPES, Expert, build_expert
 from pipeline.experts.frames import fit_batches, run_on_frames, view_batches
 from pipeline.features.backbone import Backbones
+from pipeline.features.geometry import frame_views
 from schemas.config import ModelConfig, TrainingConfig
 from schemas.spec import CNN_STRIDE, VIT_BACKBONE, VIT_STRIDE, InputSpec
 
@@ -186,29 +189,38 @@ def choose(
     deadline: float,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
 ) -> Selection:
-    """Fit and judge each candidate in order; the best eligible one wins, ties to the earlier candidate.
+    """Fit and judge candidates, cheapest first; the best eligible one wins, ties to the cheaper.
 
-    The first candidate is always fitted. A later one is not when its backbone alone is over the
-    per-frame budget, or when the add budget would be spent. If no fitted candidate is within the
-    budget (a loaded machine), the fastest fitted one is kept and says so: adding a task never fails
-    for want of CPU."""
-    results: list[CandidateResult] = []
-    fitted: list[Expert | None] = []
+    Each distinct spec's backbone cost is probed on two validation frames first, and candidates are tried
+    in order of that cost (stable: the given order on ties). The first is always fitted. A later one is not
+    when its estimated expert stage is over the per-frame budget (the backbone probe times the expert's
+    measured overhead on an earlier spec, when there is one), or when its estimated fit (seconds per fit
+    view so far, times its views) would pass the add budget. If no fitted candidate is within the budget
+    (a loaded machine), the fastest fitted one is kept and says so: adding a task never fails for want of
+    CPU."""
+    probes = {spec: _probe_ms(spec, backbones, validation.normal, training.batch_size)
+              for spec in dict.fromkeys(c.spec for c in candidates)}
+    views = {spec: _views_per_frame(spec, fit_frames) * len(fit_frames) for spec in probes}
+    order = sorted(range(len(candidates)), key=lambda i: probes[candidates[i].spec])
+    results: list[CandidateResult | None] = [None] * len(candidates)
+    fitted: list[Expert | None] = [None] * len(candidates)
+    overhead: dict[str, float] = {}  # expert -> measured ms per frame / backbone probe ms
+    seconds_per_view: list[float] = []
     features: dict[InputSpec, list] = {}  # fit features per spec, shared by experts on the same spec
-    frames_to_run = len(fit_frames) + len(validation.frames)
-    for index, candidate in enumerate(candidates):
-        for spec in [s for s in features if all(c.spec != s for c in candidates[index:])]:
+    for step, index in enumerate(order):
+        candidate = candidates[index]
+        for spec in [s for s in features if all(candidates[j].spec != s for j in order[step:])]:
             del features[spec]  # no later candidate reads them: free the memory
-        result = CandidateResult(candidate.expert, candidate.spec, "ok")
-        results.append(result)
-        fitted.append(None)
-        if any(f is not None for f in fitted):
-            probe = _probe_ms(candidate.spec, backbones, validation.normal, training.batch_size)
-            if probe > training.expert_budget_ms:
-                result.status, result.ms_per_frame = "over_budget", probe
-                result.detail = f"backbone alone {probe:.0f} ms/frame > {training.expert_budget_ms:.0f}"
-            elif time.perf_counter() + probe * frames_to_run / 1000 + _mean_fit_seconds(results) > deadline:
-                result.status, result.detail = "skipped", "the add budget would be spent"
+        result = results[index] = CandidateResult(candidate.expert, candidate.spec, "ok")
+        probe = probes[candidate.spec]
+        if step > 0:
+            estimate = probe * overhead.get(candidate.expert, 1.0)
+            fit_estimate = float(np.mean(seconds_per_view)) * views[candidate.spec] if seconds_per_view else 0.0
+            if estimate > training.expert_budget_ms:
+                result.status, result.ms_per_frame = "over_budget", estimate
+                result.detail = f"estimated {estimate:.0f} ms/frame (backbone {probe:.0f}) > {training.expert_budget_ms:.0f}"
+            elif time.perf_counter() + fit_estimate + probe * len(validation.frames) / 1000 > deadline:
+                result.status, result.detail = "skipped", f"the add budget would be spent (fit estimated {fit_estimate:.0f} s)"
             if result.status != "ok":
                 on_progress(0.2, f"candidate {result.line()}")
                 continue
@@ -228,23 +240,24 @@ def choose(
             result.status, result.detail = "failed", f"{type(error).__name__}: {error}"
             on_progress(0.2, f"candidate {result.line()}")
             continue
-        fitted[-1] = expert
+        fitted[index] = expert
+        overhead.setdefault(candidate.expert, result.ms_per_frame / max(probe, 1e-3))
+        seconds_per_view.append(result.fit_seconds / max(views[candidate.spec], 1))
         if result.ms_per_frame > training.expert_budget_ms:
             result.status, result.detail = "over_budget", f"{result.ms_per_frame:.0f} ms/frame > {training.expert_budget_ms:.0f}"
-        on_progress(0.2 + 0.6 * (index + 1) / len(candidates), f"candidate {result.line()}")
-    return _select(results, fitted)
+        on_progress(0.2 + 0.6 * (step + 1) / len(candidates), f"candidate {result.line()}")
+    return _select(results, fitted, order)  # every candidate has its result by now
 
 
-def _mean_fit_seconds(results: list[CandidateResult]) -> float:
-    """What fitting took so far per candidate: the estimate of the next one's fit beyond its features."""
-    times = [r.fit_seconds for r in results if not math.isnan(r.fit_seconds)]
-    return float(np.mean(times)) if times else 0.0
+def _views_per_frame(spec: InputSpec, frames: Sequence[np.ndarray]) -> int:
+    return len(frame_views(frames[0], spec)) if frames else 1
 
 
-def _select(results: list[CandidateResult], fitted: list[Expert | None]) -> Selection:
+def _select(results: list[CandidateResult], fitted: list[Expert | None], order: list[int]) -> Selection:
+    rank = {index: step for step, index in enumerate(order)}  # ties go to the candidate tried first (cheaper)
     eligible = [i for i, r in enumerate(results) if r.status == "ok" and fitted[i] is not None]
     if eligible:
-        best = max(eligible, key=lambda i: (results[i].score, -i))  # ties: the earlier candidate
+        best = max(eligible, key=lambda i: (results[i].score, -rank[i]))
     else:
         tried = [i for i, f in enumerate(fitted) if f is not None]
         if not tried:
