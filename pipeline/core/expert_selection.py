@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from pipeline.data.metrics import pixel_metrics, roc_auc
 from pipeline.data.validation_anomalies import make_validation_anomalies
@@ -168,14 +169,21 @@ def evaluate(expert: Expert, spec: InputSpec, validation: ValidationSet, backbon
 
 
 def _probe_ms(spec: InputSpec, backbones: Backbones, frames: Sequence[np.ndarray], batch_size: int) -> float:
-    """Backbone-only ms per frame on a few frames: a lower bound on the expert stage's cost. The first
-    pass at a new input size is not timed (the CPU kernels are set up for each shape once)."""
+    """The backbone's ms per frame at this spec on a few frames: a lower bound on the expert stage's cost.
+    ViT specs run the ViT to its last block (experts run it themselves, so view_batches does not). The
+    first pass at a new input size is not timed (the CPU kernels are set up for each shape once)."""
     probe = list(frames[:2])
-    for _ in view_batches(probe, spec, backbones, batch_size):
-        pass
+
+    def run() -> None:
+        for _, _, features in view_batches(probe, spec, backbones, batch_size):
+            if not spec.uses_cnn and backbones.vit is not None:
+                with torch.no_grad():
+                    vit = backbones.vit
+                    vit.multi_layer_tokens(backbones.default.vit_pixels(features.pixels), (vit.num_layers - 1,))
+
+    run()
     started = time.perf_counter()
-    for _ in view_batches(probe, spec, backbones, batch_size):
-        pass
+    run()
     return 1000 * (time.perf_counter() - started) / len(probe)
 
 
