@@ -148,3 +148,31 @@ def test_tiled_patchcore_map_finds_a_defect_on_a_tile_border() -> None:
     peak_y, peak_x = np.unravel_index(np.argmax(score_map), score_map.shape)
     assert abs(peak_y - cy) <= 24 and abs(peak_x - cx) <= 24, (peak_y, peak_x)
     assert score_map[defect].mean() > np.quantile(score_map[~defect], 0.99)
+
+
+# ------------------------------------------------------------------------------ padding is not the product
+def test_letterboxed_views_mark_their_padding() -> None:
+    from pipeline.experts.frames import view_batches
+
+    spec = InputSpec(resize="letterbox", height=64, width=64)
+    frames = [_gradient_frame(32, 64), _gradient_frame(64, 64)]
+    [(_, views, features)] = list(view_batches(frames, spec, Backbones(_no_backbone()), batch_size=4))
+    assert features.valid.shape == (2, 64, 64)
+    assert features.valid[0].sum() == 32 * 64 and features.valid[1].all()
+    cells = features.valid_grid((4, 4))
+    assert cells[0].tolist() == [[False] * 4, [True] * 4, [True] * 4, [False] * 4] and cells[1].all()
+
+
+def test_image_scores_come_from_the_frame_not_the_padding() -> None:
+    import torch
+
+    from pipeline.experts.patchcore.memory_bank import MemoryBank
+
+    bank = MemoryBank(np.zeros((4, 2), dtype=np.float32), num_neighbors=3)
+    query = torch.zeros(1, 2, 2, 2)
+    query[0, 0, 0] = 10.0  # far from every normal patch, but in a padded cell
+    valid = torch.tensor([[[False, True], [True, True]]])
+    everywhere, maps = bank.score(query, (4, 4), 0.0)
+    framed, framed_maps = bank.score(query, (4, 4), 0.0, valid)
+    assert everywhere[0] > 1.0 and framed[0] == 0.0
+    np.testing.assert_array_equal(maps, framed_maps)  # the map still covers every patch (stitching crops it)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline.experts.base import Expert
 from pipeline.features.backbone import Backbones, FeatureBatch
@@ -38,7 +39,20 @@ def view_batches(images: Sequence[np.ndarray], spec: InputSpec, backbones: Backb
     for start in range(0, len(views), batch_size):
         chunk = views[start : start + batch_size]
         features = backbone.extract([v.pixels for v in chunk], keys=keys, cnn=spec.uses_cnn)
+        features.valid = _valid_pixels(chunk)
         yield owners[start : start + batch_size], chunk, features
+
+
+def _valid_pixels(views: Sequence[View]) -> torch.Tensor | None:
+    """B x H x W: where each view shows its frame (None when every view is all frame, e.g. tiles)."""
+    h, w = views[0].pixels.shape[-2:]
+    if all(v.content == (0, 0, h, w) for v in views):
+        return None
+    valid = torch.zeros(len(views), h, w, dtype=torch.bool)
+    for row, view in enumerate(views):
+        y0, x0, y1, x1 = view.content
+        valid[row, y0:y1, x0:x1] = True
+    return valid
 
 
 def fit_batches(images: Sequence[np.ndarray], spec: InputSpec, backbones: Backbones, batch_size: int) -> list[FeatureBatch]:

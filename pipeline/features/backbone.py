@@ -43,6 +43,19 @@ class FeatureBatch:
     pixels: torch.Tensor  # B x 3 x H x W in [0, 1]
     stages: dict[int, torch.Tensor]  # CNN stage index -> B x C x h x w (empty: the CNN did not run)
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # ViT block -> B x P x D unprompted tokens
+    # B x H x W bool: the pixels that show the frame (False: letterbox padding); None: all of them
+    valid: torch.Tensor | None = None
+
+    def valid_grid(self, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """B x h x w bool on a feature grid: cells at least half covered by frame pixels. Image scores
+        are taken over these only (padding is not the product); a row with no such cell keeps all."""
+        b = self.pixels.shape[0]
+        if self.valid is None:
+            return torch.ones(b, *grid_hw, dtype=torch.bool)
+        cells = F.adaptive_avg_pool2d(self.valid[:, None].float().cpu(), tuple(grid_hw))[:, 0] >= 0.5
+        empty = ~cells.flatten(1).any(dim=1)
+        cells[empty] = True
+        return cells
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -54,7 +67,8 @@ class FeatureBatch:
             return self
         index = torch.tensor(rows, device=self.pixels.device)
         return FeatureBatch(self.pixels[index], {s: f[index] for s, f in self.stages.items()},
-                            {layer: t[index] for layer, t in self.tokens.items()})
+                            {layer: t[index] for layer, t in self.tokens.items()},
+                            None if self.valid is None else self.valid[index.cpu()])
 
 
 class Backbone(nn.Module):

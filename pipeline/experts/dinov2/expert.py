@@ -193,10 +193,9 @@ class DINOv2Patch(Expert):
         b, p, d = features.shape
         similarity, _ = self._index.search(np.ascontiguousarray(features.reshape(b * p, d).numpy()), 1)
         distances = (1.0 - torch.from_numpy(similarity[:, 0]).view(b, p)).clamp_min(0.0)  # cosine distance
-        if self.foreground is None:
-            valid = torch.ones(b, p, dtype=torch.bool)
-        else:
-            valid = self.foreground.masks(features, grid)
+        valid = batch.valid_grid(grid).reshape(b, p)  # letterbox padding is not the product
+        if self.foreground is not None:
+            valid = valid & self.foreground.masks(features, grid)
             distances = distances.masked_fill(~valid, 0.0)
         scores = top_fraction_scores(distances, valid, self.config.top_fraction)
         maps = upsample_maps(distances.view(b, *grid), batch.image_hw, self.config.map_sigma)

@@ -194,8 +194,12 @@ class FCDD(Expert):
         cfg = self.config
         heatmaps = self.heatmaps(batch)
         with torch.no_grad():
+            valid = batch.valid_grid(tuple(heatmaps.shape[-2:])).flatten(1)  # letterbox padding is not the product
             flat = heatmaps.flatten(1)
-            scores = flat.mean(dim=1) if cfg.image_score == "mean" else flat.amax(dim=1)
+            if cfg.image_score == "mean":
+                scores = (flat * valid).sum(dim=1) / valid.sum(dim=1)
+            else:
+                scores = flat.masked_fill(~valid, float("-inf")).amax(dim=1)
             maps = receptive_upsample(heatmaps, batch.image_hw, cfg.output_stride, cfg.map_kernel_size, cfg.map_sigma)
         return ExpertOutput(scores=scores.numpy().astype(np.float32), maps=maps.numpy().astype(np.float32))
 

@@ -44,7 +44,9 @@ class PatchCore(Expert):
     def predict(self, batch: FeatureBatch, backbone: Backbone | None = None) -> ExpertOutput:
         if self.memory is None:
             raise RuntimeError("PatchCore.predict before fit/from_bytes")
-        scores, maps = self.memory.score(embed_patches(batch, PATCH_STAGES), batch.image_hw, self.config.map_sigma)
+        query = embed_patches(batch, PATCH_STAGES)
+        valid = batch.valid_grid(tuple(query.shape[1:3])) if batch.valid is not None else None
+        scores, maps = self.memory.score(query, batch.image_hw, self.config.map_sigma, valid)
         return ExpertOutput(scores=scores, maps=maps)
 
     def to_bytes(self) -> bytes:

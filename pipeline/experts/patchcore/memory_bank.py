@@ -34,15 +34,18 @@ class MemoryBank:
     def __len__(self) -> int:
         return len(self.bank)
 
-    def score(self, query: torch.Tensor, image_hw: tuple[int, int], map_sigma: float) -> tuple[np.ndarray, np.ndarray]:
-        """B x h x w x D query patches -> (B image scores, B x H x W smoothed maps), float32."""
+    def score(self, query: torch.Tensor, image_hw: tuple[int, int], map_sigma: float,
+              valid: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """B x h x w x D query patches -> (B image scores, B x H x W smoothed maps), float32. `valid`
+        (B x h x w bool): the patches the image score may come from (the map covers every patch)."""
         b, h, w, d = query.shape
         flat = np.ascontiguousarray(query.reshape(b * h * w, d).float().cpu().numpy())
         sq_dist, index = self._index.search(flat, 1)
         nn_dist = torch.from_numpy(np.sqrt(np.maximum(sq_dist[:, 0], 0))).view(b, h * w)
         nn_index = torch.from_numpy(index[:, 0].astype(np.int64)).view(b, h * w)
+        scoring = nn_dist if valid is None else nn_dist.masked_fill(~valid.reshape(b, h * w), 0.0)
         scores = reweighted_image_scores(
-            torch.from_numpy(flat).view(b, h * w, d), nn_dist, nn_index, self._bank_neighbours, torch.from_numpy(self.bank)
+            torch.from_numpy(flat).view(b, h * w, d), scoring, nn_index, self._bank_neighbours, torch.from_numpy(self.bank)
         )
         maps = upsample_maps(nn_dist.view(b, h, w), image_hw, map_sigma)
         return scores.numpy().astype(np.float32), maps.numpy().astype(np.float32)

@@ -123,7 +123,7 @@ class ReverseDistillation(Expert):
         with torch.no_grad():
             teacher = [batch.stages[s].float().cpu() for s in TEACHER_STAGES]
             maps = anomaly_maps(teacher, self.net(teacher), batch.image_hw, self.config.map_sigma)
-            scores = maps.flatten(1).amax(dim=1)
+            scores = (maps if batch.valid is None else maps.masked_fill(~batch.valid.cpu(), float("-inf"))).flatten(1).amax(dim=1)
         return ExpertOutput(scores=scores.numpy().astype(np.float32), maps=maps.numpy().astype(np.float32))
 
     # ----------------------------------------------------------------------------------- storage

@@ -170,7 +170,8 @@ class UCAD(Expert):
         _vit_of(backbone)
         with torch.no_grad():
             query = self._features(backbone, backbone.vit_pixels(batch.pixels))
-        scores, maps = self.memory.score(query, batch.image_hw, self.config.map_sigma)
+        valid = batch.valid_grid(tuple(query.shape[1:3])) if batch.valid is not None else None
+        scores, maps = self.memory.score(query, batch.image_hw, self.config.map_sigma, valid)
         return ExpertOutput(scores=scores, maps=maps)
 
     # ----------------------------------------------------------------------------------- storage
