@@ -34,6 +34,7 @@ from schemas.spec import InputSpec, routing_spec
 ProgressCallback = Callable[[float, str], None]
 _MAX_TRAIN_PIXELS = 40_000_000
 ROLES = ("fit", "validation", "calibration", "audit")
+CALIBRATION_RESERVE = 0.2  # of the add budget, kept for calibrating the chosen expert and publishing
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,9 @@ def train_task(
 
     candidates = default_candidates(frames["fit"], expert_name, spec)
     validation = make_validation_set(frames["validation"], model.seed)
-    selection = choose(candidates, frames["fit"], validation, backbones, model, training,
-                       deadline=started + training.add_budget_s, on_progress=on_progress)
+    # The choice may use the add budget but for what calibration and publishing need after it.
+    deadline = started + training.add_budget_s * (1.0 - CALIBRATION_RESERVE)
+    selection = choose(candidates, frames["fit"], validation, backbones, model, training, deadline, on_progress)
     expert, chosen, results = selection.expert, selection.chosen, selection.results
     summary = expert.fit_summary()
     on_progress(0.8, f"chose {chosen.expert} at {chosen.spec.describe()}: validation score {chosen.score:.4f}, "
