@@ -202,8 +202,8 @@ def choose(
     Each distinct spec's backbone cost is probed on two validation frames first, and candidates are tried
     in order of that cost (stable: the given order on ties). The first is always fitted. A later one is not
     when its estimated expert stage is over the per-frame budget (the backbone probe times the expert's
-    measured overhead on an earlier spec, when there is one), or when its estimated fit (seconds per fit
-    view so far, times its views) would pass the add budget. If no fitted candidate is within the budget
+    measured overhead on an earlier spec, when there is one), or when its estimated fit (the slowest seconds
+    per fit view so far, times its views) would pass the add budget. If no fitted candidate is within the budget
     (a loaded machine), the fastest fitted one is kept and says so: adding a task never fails for want of
     CPU."""
     probes = {spec: _probe_ms(spec, backbones, validation.normal, training.batch_size)
@@ -223,7 +223,8 @@ def choose(
         probe = probes[candidate.spec]
         if step > 0:
             estimate = probe * overhead.get(candidate.expert, 1.0)
-            fit_estimate = float(np.mean(seconds_per_view)) * views[candidate.spec] if seconds_per_view else 0.0
+            # the slowest fit per view so far: experts' fits differ by 3x (FCDD vs PatchCore), so the mean overran
+            fit_estimate = float(np.max(seconds_per_view)) * views[candidate.spec] if seconds_per_view else 0.0
             if estimate > training.expert_budget_ms:
                 result.status, result.ms_per_frame = "over_budget", estimate
                 result.detail = f"estimated {estimate:.0f} ms/frame (backbone {probe:.0f}) > {training.expert_budget_ms:.0f}"
