@@ -4,7 +4,6 @@ operating point on more normals than test/good."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 

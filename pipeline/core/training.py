@@ -10,7 +10,6 @@ used here and is recorded for live monitoring.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.core.calibration import Calibration
-from pipeline.core.expert_selection import Candidate, choose, default_candidates, make_validation_set
+from pipeline.core.expert_selection import choose, default_candidates, make_validation_set
 from pipeline.core.task import TaskArtifacts
 from pipeline.core.task_id import KeyTaskIdentifier, select_keys, task_features
 from pipeline.data.datasets import list_images
@@ -184,5 +183,5 @@ def calibrate(expert: Expert, spec: InputSpec, backbones: Backbones, keys: np.nd
     return Calibration.from_normals(outputs.scores, peaks, distances, far, model.unknown_slack)
 
 
-__all__ = ["ROLES", "Candidate", "Splits", "TaskImages", "calibrate", "load_frames", "load_task_images", "routing_tokens",
+__all__ = ["ROLES", "Splits", "TaskImages", "calibrate", "load_frames", "load_task_images", "routing_tokens",
            "split_roles", "train_task"]
