@@ -1,25 +1,48 @@
 """The key-prompt-knowledge store in Redis: versioned manifest + immutable, content-addressed blobs.
 
-Publishing a task is one MULTI/EXEC transaction guarded by WATCH on the version key: blobs, manifest,
-a copy of the manifest under its version number and the version counter change together or not at all,
-and concurrent publishers retry instead of overwriting each other. Blobs are addressed by their SHA-256,
-so publishing task B never rewrites a byte of task A, and readers verify every blob on load.
+Every change (publish, remove, recalibrate, roll back) is one MULTI/EXEC transaction guarded by WATCH on
+the version key: blobs, manifest, a copy of the manifest under its version number, the version counter
+and the command that caused it change together or not at all, and concurrent publishers retry instead of
+overwriting each other. Blobs are addressed by their SHA-256, so publishing task B never rewrites a byte
+of task A, and readers verify every blob on load.
+
+Redis keys, all under `<namespace>:`
+    version           the current store version (int)
+    manifest          the current manifest (JSON); `manifest:<N>` the manifest of version N
+    blob:<sha256>     one immutable blob
+    commands          hash: command id -> the store version it produced (never collected)
+    oldest_version    the lowest version whose manifest garbage collection kept (absent: 1)
+    updates           pub/sub channel announcing each new version
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 import redis
 
 from pipeline.core.calibration import Calibration
 from pipeline.core.task import TaskArtifacts
-from schemas.messages import utc_now
-from schemas.store import StoreManifest, TaskEntry
+from schemas.store import GarbageReport, StoreManifest, TaskEntry
+
+MGET_CHUNK = 500  # manifest keys per MGET when reading the retained versions
 
 
 class StoreError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class _GarbagePlan:
+    """What one collection pass read: delete `versions` and `digests`, keep versions >= `keep_from`."""
+
+    keep_from: int
+    versions: list[int]
+    digests: list[str]
+    bytes_freed: int
+    kept_versions: list[int]
 
 
 class KnowledgeStore:
@@ -28,6 +51,8 @@ class KnowledgeStore:
         self.namespace = namespace
         self._version_key = f"{namespace}:version"
         self._manifest_key = f"{namespace}:manifest"
+        self._commands_key = f"{namespace}:commands"
+        self._oldest_key = f"{namespace}:oldest_version"
         self.updates_channel = f"{namespace}:updates"
 
     @classmethod
@@ -36,6 +61,9 @@ class KnowledgeStore:
 
     def _blob_key(self, digest: str) -> str:
         return f"{self.namespace}:blob:{digest}"
+
+    def _versioned_key(self, version: int) -> str:
+        return f"{self._manifest_key}:{version}"
 
     # ------------------------------------------------------------------------------------ reads
     def version(self) -> int:
@@ -47,10 +75,22 @@ class KnowledgeStore:
         return StoreManifest.model_validate_json(raw) if raw else StoreManifest()
 
     def manifest_at(self, version: int) -> StoreManifest:
-        raw = self.client.get(f"{self._manifest_key}:{version}")
+        raw = self.client.get(self._versioned_key(version))
         if raw is None:
+            if 1 <= version < self._oldest(self.client):
+                raise StoreError(f"manifest version {version} was garbage-collected")
             raise StoreError(f"no manifest version {version}")
         return StoreManifest.model_validate_json(raw)
+
+    def applied(self, command_id: str) -> int | None:
+        """The store version `command_id` produced, or None if no change carried that command id."""
+        version = self.client.hget(self._commands_key, command_id)
+        return None if version is None else int(version)
+
+    def history(self, category: str) -> list[TaskEntry]:
+        """The distinct entries (by task_version) `category` has had in the manifests still stored,
+        oldest first; the current one last unless the category has since been removed."""
+        return self._history(self._stored_manifests(self.client, self.version()), category)
 
     def blob(self, digest: str) -> bytes:
         data = self.client.get(self._blob_key(digest))
@@ -71,15 +111,46 @@ class KnowledgeStore:
         """Per task: total bytes and bytes per part (keys, prompt, knowledge, expert arrays, calibration)."""
         return {name: {"total": e.size_bytes} | e.parts for name, e in self.manifest().tasks.items()}
 
+    def _oldest(self, conn) -> int:
+        return int(conn.get(self._oldest_key) or 1)
+
+    def _stored_manifests(self, conn, current: int) -> dict[int, StoreManifest]:
+        """Version -> manifest for every version from the oldest kept one to `current`."""
+        versions = list(range(self._oldest(conn), current + 1))
+        manifests: dict[int, StoreManifest] = {}
+        for start in range(0, len(versions), MGET_CHUNK):
+            chunk = versions[start:start + MGET_CHUNK]
+            for version, raw in zip(chunk, conn.mget([self._versioned_key(v) for v in chunk])):
+                if raw is not None:  # collected by a garbage collection that ran meanwhile
+                    manifests[version] = StoreManifest.model_validate_json(raw)
+        return manifests
+
+    @staticmethod
+    def _history(manifests: dict[int, StoreManifest], category: str) -> list[TaskEntry]:
+        # An unchanged entry is carried by every later manifest; its task_version identifies it.
+        entries: dict[int, TaskEntry] = {}
+        for version in sorted(manifests):
+            entry = manifests[version].tasks.get(category)
+            if entry is not None:
+                entries.setdefault(entry.task_version, entry)
+        return [entries[v] for v in sorted(entries)]
+
+    @staticmethod
+    def _server_time(conn) -> datetime:
+        """Redis's clock, so publishers on different hosts and the collector agree on "how long ago"."""
+        seconds, micros = conn.time()
+        return datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
+
     # ----------------------------------------------------------------------------------- writes
-    def publish(self, task: TaskArtifacts) -> int:
+    # `command_id`: the command causing the change. A command id already applied changes nothing and
+    # returns the version it produced then, checked inside the transaction so two redeliveries racing
+    # each other cannot both apply.
+    def publish(self, task: TaskArtifacts, command_id: str | None = None) -> int:
         """Add or replace one task; returns the new store version."""
         blobs = task.blobs()
         digests = {kind: hashlib.sha256(data).hexdigest() for kind, data in blobs.items()}
 
-        def change(manifest: StoreManifest, version: int, pipe) -> dict[str, TaskEntry]:
-            for kind, data in blobs.items():
-                pipe.set(self._blob_key(digests[kind]), data, nx=True)
+        def change(manifest: StoreManifest, version: int, now: datetime, pipe):
             entry = TaskEntry(
                 category=task.category,
                 task_version=version,
@@ -87,60 +158,183 @@ class KnowledgeStore:
                 blobs=digests,
                 blob_sizes={kind: len(data) for kind, data in blobs.items()},
                 parts=task.parts(),
-                published_at=utc_now(),
+                published_at=now,
+                command_id=command_id,
             )
-            return {**manifest.tasks, task.category: entry}
+            new_blobs = {digests[kind]: data for kind, data in blobs.items()}
+            return {**manifest.tasks, task.category: entry}, new_blobs
 
-        return self._transact(change)
+        return self._transact(change, command_id)
 
-    def remove(self, category: str) -> int:
-        def change(manifest: StoreManifest, version: int, pipe) -> dict[str, TaskEntry]:
+    def remove(self, category: str, command_id: str | None = None) -> int:
+        def change(manifest: StoreManifest, version: int, now: datetime, pipe):
             if category not in manifest.tasks:
                 raise StoreError(f"unknown category {category!r}")
-            return {name: e for name, e in manifest.tasks.items() if name != category}
+            return {name: e for name, e in manifest.tasks.items() if name != category}, {}
 
-        return self._transact(change)
+        return self._transact(change, command_id)
 
-    def set_calibration(self, category: str, calibration: Calibration) -> int:
+    def set_calibration(self, category: str, calibration: Calibration, command_id: str | None = None) -> int:
         """Replace one task's calibration blob (thresholds); its keys and expert stay as they are."""
         data = calibration.to_bytes()
         digest = hashlib.sha256(data).hexdigest()
 
-        def change(manifest: StoreManifest, version: int, pipe) -> dict[str, TaskEntry]:
+        def change(manifest: StoreManifest, version: int, now: datetime, pipe):
             entry = manifest.tasks.get(category)
             if entry is None:
                 raise StoreError(f"unknown category {category!r}")
-            pipe.set(self._blob_key(digest), data, nx=True)
             updated = entry.model_copy(
                 update={
                     "task_version": version,
                     "blobs": {**entry.blobs, "calibration": digest},
                     "blob_sizes": {**entry.blob_sizes, "calibration": len(data)},
                     "parts": {**entry.parts, "calibration": len(data)},
-                    "published_at": utc_now(),
+                    "published_at": now,
+                    "command_id": command_id,
+                    "restored_from": None,  # new thresholds: no longer a copy of the version restored
                 }
             )
-            return {**manifest.tasks, category: updated}
+            return {**manifest.tasks, category: updated}, {digest: data}
 
-        return self._transact(change)
+        return self._transact(change, command_id)
 
-    def _transact(self, change) -> int:
-        """Optimistic transaction: re-read and retry if another publisher got in between."""
+    def rollback(self, category: str, task_version: int, command_id: str | None = None) -> int:
+        """Make `category`'s entry the one it had at `task_version` again: the same blobs, so the model
+        is byte-identical, under a new task version (= the new store version) with `restored_from` set.
+        Restores a category removed since. Raises StoreError, changing nothing, when that task version is
+        unknown, its manifests were garbage-collected, or one of its blobs is gone."""
+
+        def change(manifest: StoreManifest, version: int, now: datetime, pipe):
+            entry = self._entry_at(pipe, category, task_version, version - 1)
+            self._require_blobs(pipe, entry)
+            restored = entry.model_copy(
+                update={"task_version": version, "published_at": now, "command_id": command_id,
+                        "restored_from": task_version}
+            )
+            return {**manifest.tasks, category: restored}, {}
+
+        return self._transact(change, command_id)
+
+    def _entry_at(self, pipe, category: str, task_version: int, current: int) -> TaskEntry:
+        manifests = self._stored_manifests(pipe, current)
+        history = {e.task_version: e for e in self._history(manifests, category)}
+        if task_version in history:
+            return history[task_version]
+        what = f"cannot roll back {category!r} to task version {task_version}"
+        if 1 <= task_version < self._oldest(pipe):
+            raise StoreError(f"{what}: manifest version {task_version} was garbage-collected")
+        raise StoreError(f"{what}: no such version of it is stored (stored: {sorted(history)})")
+
+    def _require_blobs(self, pipe, entry: TaskEntry) -> None:
+        """Rollback re-references blobs without rewriting them: watching them makes a garbage collection
+        that deletes one before our EXEC abort this transaction (the retry then reports it gone)."""
+        keys = {kind: self._blob_key(digest) for kind, digest in entry.blobs.items()}
+        pipe.watch(*keys.values())
+        for kind, key in keys.items():
+            if not pipe.exists(key):
+                raise StoreError(
+                    f"cannot roll back {entry.category!r} to task version {entry.task_version}: "
+                    f"its {kind} blob {entry.blobs[kind]} is gone"
+                )
+
+    def _transact(self, change, command_id: str | None = None) -> int:
+        """Optimistic transaction: re-read and retry if another publisher got in between.
+
+        `change(manifest, version, now, pipe)` runs before MULTI (it may read and WATCH through `pipe`)
+        and returns the new tasks and the blobs to write (digest -> bytes, SET NX)."""
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(self._version_key)
+                    if command_id is not None:
+                        done = pipe.hget(self._commands_key, command_id)
+                        if done is not None:
+                            return int(done)
                     version = int(pipe.get(self._version_key) or 0) + 1
                     raw = pipe.get(self._manifest_key)
                     manifest = StoreManifest.model_validate_json(raw) if raw else StoreManifest()
+                    now = self._server_time(pipe)
+                    tasks, blobs = change(manifest, version, now, pipe)
+                    new = StoreManifest(
+                        version=version, tasks=tasks, command_id=command_id, published_at=now
+                    ).model_dump_json()
                     pipe.multi()
-                    tasks = change(manifest, version, pipe)
-                    new = StoreManifest(version=version, tasks=tasks).model_dump_json()
+                    for digest, data in blobs.items():
+                        pipe.set(self._blob_key(digest), data, nx=True)
                     pipe.set(self._manifest_key, new)
-                    pipe.set(f"{self._manifest_key}:{version}", new)
+                    pipe.set(self._versioned_key(version), new)
                     pipe.set(self._version_key, version)
+                    if command_id is not None:
+                        pipe.hset(self._commands_key, command_id, version)
                     pipe.publish(self.updates_channel, version)
                     pipe.execute()
                     return version
                 except redis.WatchError:
                     continue
+
+    # --------------------------------------------------------------------------- garbage collection
+    def collect_garbage(
+        self, keep_versions: int = 20, grace_s: float = 300.0, now: datetime | None = None
+    ) -> GarbageReport:
+        """Delete old manifest versions and the blobs no retained version references.
+
+        Kept: the current version, the newest `keep_versions` versions, and every version superseded
+        less than `grace_s` seconds before `now` (its successor's commit time; default `now`: Redis's
+        clock). Only the versions below the oldest kept one are collected, so a clock step between
+        publishers can only keep more. Readers never miss a blob of a kept version: a worker that read
+        the current manifest has at least `grace_s` seconds after it is superseded to load its blobs.
+        A reader asking for a collected version gets StoreError "manifest version N was
+        garbage-collected" from `manifest_at`; one still loading the entries of a manifest it read
+        longer than `grace_s` before that manifest was superseded may get StoreError "blob ... is missing".
+
+        The deletions run in one MULTI under WATCH on the version key (and on `oldest_version`, so two
+        collectors do not interleave), retried if any change commits
+        meanwhile, so a publish that re-references a blob (SET NX on a blob that exists writes nothing)
+        is either seen by the plan or commits after the deletion and writes the blob again. Rollback,
+        which re-references blobs without their bytes, WATCHes them instead. Command ids in
+        `<ns>:commands` are kept (a few bytes each) so a redelivered old command is still recognised.
+        """
+        if keep_versions < 0 or grace_s < 0:
+            raise ValueError("keep_versions and grace_s must be >= 0")
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(self._version_key, self._oldest_key)  # also: one collector at a time
+                    plan = self._plan_garbage(pipe, keep_versions, grace_s, now)
+                    if not plan.versions:
+                        return GarbageReport(manifests_deleted=0, blobs_deleted=0, bytes_freed=0,
+                                             kept_versions=plan.kept_versions)
+                    pipe.multi()
+                    pipe.set(self._oldest_key, plan.keep_from)
+                    pipe.delete(*[self._versioned_key(v) for v in plan.versions])
+                    if plan.digests:
+                        pipe.delete(*[self._blob_key(d) for d in plan.digests])
+                    _, manifests_deleted, *blobs_deleted = pipe.execute()
+                    return GarbageReport(manifests_deleted=manifests_deleted, blobs_deleted=sum(blobs_deleted),
+                                         bytes_freed=plan.bytes_freed, kept_versions=plan.kept_versions)
+                except redis.WatchError:
+                    continue
+
+    def _plan_garbage(self, pipe, keep_versions: int, grace_s: float, now: datetime | None) -> _GarbagePlan:
+        """The read half of a collection, on the watching `pipe` (immediate mode): what to delete."""
+        current = int(pipe.get(self._version_key) or 0)
+        manifests = self._stored_manifests(pipe, current)
+        cutoff = (now or self._server_time(pipe)) - timedelta(seconds=grace_s)
+        keep_from = self._keep_from(manifests, current, keep_versions, cutoff)
+        doomed = sorted(v for v in manifests if v < keep_from)
+        kept = sorted(v for v in manifests if v >= keep_from)
+        referenced = {d for v in kept for e in manifests[v].tasks.values() for d in e.blobs.values()}
+        digests = sorted({d for v in doomed for e in manifests[v].tasks.values() for d in e.blobs.values()}
+                         - referenced)
+        sizes = [pipe.strlen(self._blob_key(d)) for d in digests]  # 0 for a blob already gone
+        return _GarbagePlan(keep_from, doomed, digests, sum(sizes), kept)
+
+    @staticmethod
+    def _keep_from(manifests: dict[int, StoreManifest], current: int, keep_versions: int, cutoff: datetime) -> int:
+        """The oldest version the retention rule keeps; everything from it to `current` is kept."""
+        keep_from = max(1, current - max(keep_versions, 1) + 1)  # the current version always counts
+        for version in sorted(v for v in manifests if v < keep_from):
+            successor = manifests.get(version + 1)
+            if successor is None or successor.written_at() > cutoff:  # superseded within the grace period
+                return version
+        return keep_from
