@@ -10,12 +10,15 @@ A Kafka record is represented here as `Record(key, value, headers)` so this modu
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Literal, NamedTuple, Union
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -23,12 +26,34 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+from pydantic_core import PydanticCustomError
 
 FRAME_SCHEMA = "inspection.frame"
 FRAME_SCHEMA_VERSION = 1
 CATEGORY_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+_CATEGORY_RE = re.compile(CATEGORY_PATTERN)
 
-Category = Annotated[str, Field(pattern=CATEGORY_PATTERN, description="Product category = task name.")]
+
+def _valid_category(name: str) -> str:
+    # fullmatch, not match: Python's `$` also matches before a trailing newline ("brick\n").
+    if _CATEGORY_RE.fullmatch(name) is None:
+        shown = name if len(name) <= 70 else name[:67] + "..."
+        raise PydanticCustomError(
+            "category_name",
+            "category {name} is not a valid name: use 1-64 lowercase letters, digits, '_' or '-', "
+            "starting with a letter or digit",
+            {"name": repr(shown)},
+        )
+    return name
+
+
+# The check is a validator rather than Field(pattern=...) so the operator reads what a name may be, not
+# a regular expression; the JSON schema still documents the pattern.
+Category = Annotated[
+    str,
+    Field(description="Product category = task name.", json_schema_extra={"pattern": CATEGORY_PATTERN}),
+    AfterValidator(_valid_category),
+]
 
 
 def utc_now() -> datetime:
@@ -138,6 +163,10 @@ ExpertName = Literal["patchcore", "reverse_distillation", "fcdd", "ucad", "dinov
 
 
 class _Command(_Message):
+    # No inf or NaN in any float of a command: JSON `1e309` parses to inf and `NaN` is accepted by the
+    # parser, and a model holding NaN would serialise it to null (a command the worker then refuses).
+    model_config = ConfigDict(allow_inf_nan=False)
+
     schema_version: Literal[1] = 1
     command_id: str = Field(default_factory=new_id)
     issued_at: AwareDatetime = Field(default_factory=utc_now)
@@ -166,7 +195,10 @@ class SetThreshold(_Command):
     re-derived from the held-out normal scores kept in its calibration."""
 
     action: Literal["set_threshold"] = "set_threshold"
-    threshold: float | None = None
+    # Every expert's raw score is a non-negative distance (PatchCore/UCAD/DINOv2/PANDA nearest-neighbour
+    # distances, reverse distillation's 1 - cosine, FCDD's pseudo-Huber), so a threshold of 0 or below
+    # flags every frame. The upper end depends on the category's scores: the calibration checks it.
+    threshold: float | None = Field(default=None, gt=0, description="Raw image score; positive and finite.")
     false_alarm_rate: float | None = Field(default=None, gt=0, lt=0.5)
 
     def model_post_init(self, _context: object) -> None:
@@ -181,8 +213,15 @@ class ChooseExpert(_Command):
     expert: ExpertName
 
 
+class RollbackCategory(_Command):
+    """Serve a category's earlier task version again (its blobs as they were)."""
+
+    action: Literal["rollback_category"] = "rollback_category"
+    task_version: int = Field(ge=1)
+
+
 ControlCommand = Annotated[
-    Union[AddCategory, RemoveCategory, SetThreshold, ChooseExpert], Field(discriminator="action")
+    Union[AddCategory, RemoveCategory, SetThreshold, ChooseExpert, RollbackCategory], Field(discriminator="action")
 ]
 CONTROL_ADAPTER: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
 
@@ -191,12 +230,51 @@ def parse_control(value: bytes | None) -> ControlCommand:
     """Parse a control-topic value; raises SchemaError with the reason."""
     try:
         return CONTROL_ADAPTER.validate_json(value or b"")
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        raise SchemaError(f"invalid control command: {_short(_reasons(exc))}") from exc
+    except ValueError as exc:  # defensive: a check pydantic would let through unwrapped
         raise SchemaError(f"invalid control command: {_short(exc)}") from exc
+
+
+def _reasons(exc: ValidationError) -> str:
+    """'field: reason (got value)' per error: pydantic's own text spends the length limit on its
+    banner and URLs before the operator reads which field is wrong."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "command"
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        # A missing field has no value to show, a bad name is quoted by its own message.
+        quiet = isinstance(value, (dict, list)) or error["type"] in ("missing", "category_name")
+        parts.append(f"{where}: {message}" + ("" if quiet else f" (got {shown})"))
+    return "; ".join(parts)
 
 
 def control_to_json(command: ControlCommand) -> bytes:
     return CONTROL_ADAPTER.dump_json(command)
+
+
+_NAMING_FIELDS = ("command_id", "action", "category")
+_MAX_NAMING_CHARS = 256  # an event names the command; the dead letter keeps the whole value
+
+
+def command_fields_of(value: bytes | None) -> dict[str, str]:
+    """Best-effort command_id, action and category of a control value that fails validation, so the
+    `failed` event can name the command its sender waits for. Each is kept only if it is a string (and
+    not absurdly long); never raises."""
+    try:
+        # Python's json reads NaN / Infinity literals and 1e309: exactly the documents that fail.
+        document = json.loads(value or b"")
+    except Exception:  # noqa: BLE001 - bad UTF-8, bad JSON, huge ints, deep nesting: nothing to report
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {
+        name: document[name]
+        for name in _NAMING_FIELDS
+        if isinstance(document.get(name), str) and len(document[name]) <= _MAX_NAMING_CHARS
+    }
 
 
 # ------------------------------------------------------------------------------------------- results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.core.calibration import Calibration
+from pipeline.core.calibration import MAX_THRESHOLD_RATIO, Calibration
 
 
 def _calibration(scores, far: float = 0.1, peaks=None, distances=(1.0, 3.0, 2.0), slack: float = 1.5) -> Calibration:
@@ -107,7 +107,7 @@ def test_implied_false_alarm_rate_counts_strictly_above() -> None:
     assert cal.implied_false_alarm_rate == 0.0
     assert cal.with_threshold(2.0).implied_false_alarm_rate == 0.25  # ties with the threshold pass
     assert cal.with_threshold(1.5).implied_false_alarm_rate == 0.75
-    assert cal.with_threshold(0.0).implied_false_alarm_rate == 1.0
+    assert cal.with_threshold(0.5).implied_false_alarm_rate == 1.0
 
 
 def test_bytes_round_trip() -> None:
@@ -119,3 +119,56 @@ def test_bytes_round_trip() -> None:
     assert back.to_bytes() == data
     assert Calibration.from_bytes(cal.with_threshold(0.1).to_bytes()) == cal.with_threshold(0.1)
     assert cal.with_threshold(0.1).to_bytes() != data
+
+
+# ------------------------------------------------------------------------------------ refused values
+NOT_FINITE = [float("inf"), -float("inf"), float("nan"), np.float32("nan"), None, "3"]
+
+
+@pytest.mark.parametrize("bad", NOT_FINITE)
+def test_with_threshold_refuses_non_finite(bad) -> None:
+    cal = _calibration(np.arange(1, 11, dtype=np.float64), far=0.2)
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        cal.with_threshold(bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.0, -1e-12, -5.0])
+def test_with_threshold_refuses_zero_and_negative(bad: float) -> None:
+    # Raw scores are non-negative distances: such a threshold would flag every frame.
+    with pytest.raises(ValueError, match="must be positive"):
+        _calibration([1.0, 2.0, 3.0]).with_threshold(bad)
+
+
+def test_with_threshold_refuses_one_that_would_flag_nothing() -> None:
+    cal = _calibration([1.0, 2.0, 4.0], far=0.1)  # highest held-out normal score 4
+    assert cal.with_threshold(MAX_THRESHOLD_RATIO * 4.0).threshold == 400.0  # the bound itself is allowed
+    for bad in (400.001, 1e9, 1e308):
+        with pytest.raises(ValueError, match=r"would flag nothing: it is more than 100x .* \(4\)"):
+            cal.with_threshold(bad)
+    # All-zero held-out scores give no scale: any positive finite threshold is accepted.
+    assert _calibration([0.0, 0.0]).with_threshold(1e6).threshold == 1e6
+
+
+def test_with_threshold_keeps_a_plain_float() -> None:
+    explicit = _calibration([1.0, 2.0, 4.0]).with_threshold(np.float32(2.5))
+    assert type(explicit.threshold) is float
+    assert Calibration.from_bytes(explicit.to_bytes()) == explicit  # a numpy scalar would not serialise
+
+
+@pytest.mark.parametrize("bad", [*NOT_FINITE, 0.0, -0.1, 0.5, 0.7, 1.0])
+def test_with_false_alarm_rate_refuses_out_of_range(bad) -> None:
+    cal = _calibration(np.arange(1, 11, dtype=np.float64))
+    with pytest.raises(ValueError, match=r"false-alarm rate must be a finite number in \(0, 0.5\)"):
+        cal.with_false_alarm_rate(bad)
+    with pytest.raises(ValueError, match="false-alarm rate"):
+        _calibration([1.0, 2.0], far=bad)
+
+
+@pytest.mark.parametrize("field", ["scores", "peaks", "distances"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_from_normals_refuses_non_finite_inputs(field: str, bad: float) -> None:
+    values = {"scores": [1.0, 2.0, 3.0], "peaks": [2.0, 4.0, 6.0], "distances": [1.0, 2.0, 3.0]}
+    values[field][1] = bad
+    with pytest.raises(ValueError, match="1 of 3 held-out normal .* not finite"):
+        Calibration.from_normals(np.asarray(values["scores"]), np.asarray(values["peaks"]),
+                                 np.asarray(values["distances"]), 0.1, 1.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -20,9 +21,11 @@ from schemas.messages import (
     InspectionResult,
     Record,
     RemoveCategory,
+    RollbackCategory,
     SchemaError,
     SetThreshold,
     StageLatency,
+    command_fields_of,
     control_to_json,
     frame_id_of,
     parse_control,
@@ -144,6 +147,7 @@ def test_frame_fields_are_validated() -> None:
         (b'{"action": "set_threshold", "category": "brick", "threshold": 3.5}', SetThreshold),
         (b'{"action": "set_threshold", "category": "brick", "false_alarm_rate": 0.02}', SetThreshold),
         (b'{"action": "choose_expert", "category": "brick", "expert": "patchcore"}', ChooseExpert),
+        (b'{"action": "rollback_category", "category": "brick", "task_version": 2}', RollbackCategory),
     ],
 )
 def test_control_commands_parse_by_action(document: bytes, kind: type) -> None:
@@ -178,6 +182,9 @@ def test_add_category_defaults() -> None:
         b'{"action": "set_threshold", "category": "brick"}',  # neither
         b'{"action": "set_threshold", "category": "brick", "threshold": 1.0, "false_alarm_rate": 0.1}',
         b'{"action": "set_threshold", "category": "brick", "false_alarm_rate": 0}',
+        b'{"action": "rollback_category", "category": "brick"}',  # no task_version
+        b'{"action": "rollback_category", "category": "brick", "task_version": 0}',
+        b'{"action": "rollback_category", "category": "brick", "task_version": 1.5}',
     ],
 )
 def test_bad_control_commands_raise_schema_error(document: bytes) -> None:
@@ -185,8 +192,82 @@ def test_bad_control_commands_raise_schema_error(document: bytes) -> None:
         parse_control(document)
 
 
+# Each is a document an operator (or a buggy client) could send; Python's json.dumps writes these literals.
+NON_FINITE = [
+    (b'{"action": "set_threshold", "category": "brick", "command_id": "c-1", "threshold": 1e309}', "finite"),
+    (b'{"action": "set_threshold", "category": "brick", "command_id": "c-1", "threshold": Infinity}', "finite"),
+    (b'{"action": "set_threshold", "category": "brick", "command_id": "c-1", "threshold": -Infinity}', "finite"),
+    (b'{"action": "set_threshold", "category": "brick", "command_id": "c-1", "threshold": NaN}', "finite"),
+    (b'{"action": "set_threshold", "category": "brick", "command_id": "c-1", "threshold": -0.5}', "greater than 0"),
+    (b'{"action": "set_threshold", "category": "brick", "command_id": "c-1", "threshold": 0}', "greater than 0"),
+    (b'{"action": "set_threshold", "category": "brick", "command_id": "c-1", "false_alarm_rate": NaN}', "finite"),
+    (b'{"action": "set_threshold", "category": "brick", "command_id": "c-1", "false_alarm_rate": 1e309}', "finite"),
+    (b'{"action": "add_category", "category": "brick", "command_id": "c-1", "train_dir": "/d", '
+     b'"false_alarm_rate": NaN}', "finite"),
+]
+
+
+@pytest.mark.parametrize("document, reason", NON_FINITE)
+def test_non_finite_or_negative_numbers_are_refused_naming_the_field(document: bytes, reason: str) -> None:
+    with pytest.raises(SchemaError, match=reason) as caught:
+        parse_control(document)
+    field = "threshold" if b'"threshold"' in document else "false_alarm_rate"
+    assert f".{field}:" in str(caught.value)  # says which field, not only pydantic's banner
+
+
+@pytest.mark.parametrize("document", [d for d, _ in NON_FINITE])
+def test_command_fields_of_names_a_refused_command(document: bytes) -> None:
+    fields = command_fields_of(document)
+    assert fields["command_id"] == "c-1" and fields["category"] == "brick"
+    assert fields["action"] in ("set_threshold", "add_category")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, {}),
+        (b"", {}),
+        (b"not json", {}),
+        (b"\xff\xfe\x00", {}),
+        (b"[1, 2]", {}),
+        (b'"a string"', {}),
+        (b"[" * 100_000, {}),  # deeper than the parser's recursion limit
+        (b"1" * 10_000, {}),  # an int longer than Python converts by default
+        (b'{"command_id": 7, "action": null, "category": ["x"]}', {}),  # only strings are kept
+        (b'{"command_id": "c", "category": "Not Valid"}', {"command_id": "c", "category": "Not Valid"}),
+        (b'{"command_id": "' + b"x" * 1000 + b'", "action": "set_threshold"}', {"action": "set_threshold"}),
+    ],
+)
+def test_command_fields_of_is_best_effort(value: bytes | None, expected: dict) -> None:
+    assert command_fields_of(value) == expected
+
+
+def test_commands_with_non_finite_floats_cannot_be_built() -> None:
+    # Built in Python, NaN would serialise to null and the worker would refuse a command it cannot name.
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValidationError, match="finite"):
+            SetThreshold(category="a", threshold=bad)
+        with pytest.raises(ValidationError, match="finite"):
+            SetThreshold(category="a", false_alarm_rate=bad)
+        with pytest.raises(ValidationError, match="finite"):
+            AddCategory(category="a", train_dir="/d", false_alarm_rate=bad)
+    for bad in (0.0, -1e-9, -3.0):
+        with pytest.raises(ValidationError, match="greater than 0"):
+            SetThreshold(category="a", threshold=bad)
+    command = SetThreshold(category="a", threshold=1e300)  # finite and positive: the calibration judges the scale
+    assert parse_control(control_to_json(command)) == command
+
+
+def test_rollback_category() -> None:
+    command = RollbackCategory(category="brick", task_version=3)
+    assert command.action == "rollback_category" and command.task_version == 3
+    assert parse_control(control_to_json(command)) == command
+    with pytest.raises(ValidationError):
+        RollbackCategory(category="brick", task_version=0)
+
+
 def test_set_threshold_needs_exactly_one() -> None:
-    assert SetThreshold(category="a", threshold=0.0).threshold == 0.0  # zero is a value, not "missing"
+    assert SetThreshold(category="a", threshold=0.5).threshold == 0.5
     assert SetThreshold(category="a", false_alarm_rate=0.1).false_alarm_rate == 0.1
     with pytest.raises(ValueError, match="exactly one"):
         SetThreshold(category="a")
@@ -198,10 +279,21 @@ def test_set_threshold_needs_exactly_one() -> None:
     "name", ["", "Brick", "bad name", "-lead", "_lead", "a/b", "a.b", "ümlaut", "a" * 65, "brick\n"]
 )
 def test_bad_category_names_rejected(name: str) -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="is not a valid name: use 1-64 lowercase letters"):
         RemoveCategory(category=name)
-    with pytest.raises(SchemaError):
-        parse_control(RemoveCategory(category="ok").model_dump_json().replace('"ok"', f'"{name}"').encode())
+    document = RemoveCategory(category="ok").model_dump_json().replace('"ok"', json.dumps(name)).encode()
+    with pytest.raises(SchemaError, match="category: category .* is not a valid name"):
+        parse_control(document)
+
+
+def test_bad_category_message_quotes_the_name() -> None:
+    with pytest.raises(SchemaError) as caught:
+        parse_control(b'{"action": "remove_category", "category": "Foo Bar"}')
+    assert ("category 'Foo Bar' is not a valid name: use 1-64 lowercase letters, digits, '_' or '-', "
+            "starting with a letter or digit") in str(caught.value)
+    with pytest.raises(SchemaError) as caught:
+        parse_control(b'{"action": "remove_category", "category": "' + b"x" * 5000 + b'"}')
+    assert len(str(caught.value)) < 400  # a huge name is cut, not echoed whole
 
 
 @pytest.mark.parametrize("name", ["a", "brick", "0-metal_nut", "a" * 64])

@@ -13,7 +13,16 @@ from pipeline.core.inspector import Inspector
 from pipeline.core.store import KnowledgeStore
 from pipeline.core.task import TaskArtifacts
 from pipeline.core.task_id import KeyTaskIdentifier
-from pipeline.core.training import ROLES, load_frames, routing_tokens, split_roles, train_task
+from pipeline.core.training import (
+    MIN_TASK_IMAGES,
+    ROLES,
+    describe_skipped,
+    load_frames,
+    load_task_images,
+    routing_tokens,
+    split_roles,
+    train_task,
+)
 from pipeline.data import datasets
 from pipeline.data.datasets import list_images, write_synthetic_category
 from pipeline.data.metrics import accuracy
@@ -110,6 +119,87 @@ def test_bad_training_files_are_skipped_by_name(tmp_path: Path, data_root: Path)
     assert kept == good and len(frames) == 3
     assert set(skipped) == {"empty.png", "text.png", "tiny.png"}
     assert "smaller than 32" in skipped["tiny.png"] and "not_an_image" in skipped["text.png"]
+    assert skipped["empty.png"] == "empty file (0 bytes)"
+
+
+def _noise_pngs(folder: Path, count: int, side: int = 48, prefix: str = "good") -> list[Path]:
+    rng = np.random.default_rng(count)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{prefix}_{i:03d}.png" for i in range(count)]
+    for path in paths:
+        path.write_bytes(datasets.encode_png(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
+    return paths
+
+
+def test_training_images_over_the_pixel_bound_or_corrupt_are_skipped(tmp_path: Path) -> None:
+    good = _noise_pngs(tmp_path, 2)
+    whole = datasets.encode_png(np.zeros((40, 40, 3), dtype=np.uint8))
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "flipped.jpg").write_bytes(b"\xff\xd8\xff" + bytes(200))
+    frames, kept, skipped = load_frames([*good, tmp_path / "cut.png", tmp_path / "flipped.jpg"], 32)
+    assert kept == good and set(skipped) == {"cut.png", "flipped.jpg"}
+    assert all(reason.startswith("corrupt_image") for reason in skipped.values())
+    # The upper bound is read from the header: 48 x 48 = 2304 pixels is over a 2000-pixel bound.
+    frames, kept, skipped = load_frames(good, 32, max_pixels=2000)
+    assert kept == [] and skipped[good[0].name] == "oversize: 48x48 exceeds 2000 pixels"
+
+
+def test_six_one_pixel_images_are_refused_naming_each(tmp_path: Path) -> None:
+    for i in range(6):
+        (tmp_path / f"dot_{i}.png").write_bytes(datasets.encode_png(np.zeros((1, 1, 3), dtype=np.uint8)))
+    with pytest.raises(ValueError, match=f"only 0 of 6 images .* at least {MIN_TASK_IMAGES}") as caught:
+        load_task_images(tmp_path, TRAINING, seed=0)
+    assert all(f"dot_{i}.png (1x1 is smaller than 32 px)" in str(caught.value) for i in range(6))
+    # The add is refused before any model is touched: no backbone needed to see it.
+    with pytest.raises(ValueError, match="only 0 of 6 images"):
+        train_task("dots", tmp_path, "patchcore", None, MODEL, TRAINING, false_alarm_rate=0.1)
+
+
+def test_too_few_usable_lists_a_bounded_number_of_skipped_files(tmp_path: Path) -> None:
+    _noise_pngs(tmp_path, 3)
+    for i in range(30):
+        (tmp_path / f"empty_{i:02d}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="only 3 of 33 images") as caught:
+        load_task_images(tmp_path, TRAINING, seed=0)
+    message = str(caught.value)
+    assert message.count("(empty file (0 bytes))") == 10 and message.endswith("... and 20 more")
+    assert describe_skipped({"a.png": "x" * 500}) == "a.png (" + "x" * 117 + "...)"
+
+
+def test_a_bad_file_is_replaced_by_the_next_image_not_left_in_a_role(tmp_path: Path) -> None:
+    good = _noise_pngs(tmp_path, 20)
+    (tmp_path / "empty.png").write_bytes(b"")
+    read = 0
+    for seed in range(8):  # wherever the seeded order puts it, a full cap of good images is dealt
+        images = load_task_images(tmp_path, TrainingConfig(max_train_images=12), seed=seed)
+        read += bool(images.skipped)
+        roles = images.splits.names()
+        # Named as skipped if it was read; past the cap it is never read, like any unused image.
+        assert images.skipped == {"empty.png": "empty file (0 bytes)"} or "empty.png" in roles["unused"]
+        assert sum(len(roles[r]) for r in ROLES) == 12
+        assert all("empty.png" not in roles[r] for r in ROLES)
+        assert [len(images.frames[r]) for r in ROLES[:3]] == [len(roles[r]) for r in ROLES[:3]]
+    assert read > 0  # some seed did read it, and stepped past it
+    # Without bad files the split is exactly split_roles' (tasks trained before keep their roles).
+    (tmp_path / "empty.png").unlink()
+    for limit in (None, 8):
+        images = load_task_images(tmp_path, TRAINING, seed=3, limit=limit)
+        assert images.splits == split_roles(good, TRAINING, seed=3, limit=limit) and images.skipped == {}
+
+
+def test_twenty_good_images_and_an_empty_file_train(backbones: Backbones, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_synthetic_category(root, "brick", "brick", n_train=20, n_test_good=1, n_test_defect=1, size=IMAGE_SIZE,
+                             seed=2)
+    folder = root / "brick" / "train" / "good"
+    (folder / "empty.png").write_bytes(b"")
+    progress: list[str] = []
+    artifacts = train_task("brick", folder, "patchcore", backbones, MODEL, TRAINING, false_alarm_rate=0.1,
+                           on_progress=lambda fraction, message: progress.append(message), spec=SPEC)
+    assert artifacts.meta["skipped_files"] == {"empty.png": "empty file (0 bytes)"}
+    assert "empty.png" in progress[0]  # the operator sees it in the first progress event
+    roles = artifacts.meta["splits"]
+    assert sum(len(roles[r]) for r in ROLES) == 20 and all("empty.png" not in roles[r] for r in ROLES)
 
 
 # --------------------------------------------------------------------------------------- training
@@ -236,12 +326,13 @@ def test_inspector_follows_recalibration(trained, backbones: Backbones, test_fra
     expert = inspector.tasks["brick"].expert
     normal = [image for image, label in test_frames["brick"] if not label]
 
-    calibration = trained["brick"][0].calibration.with_threshold(0.0)
+    # Far below any normal score (a threshold must be positive): every frame is flagged.
+    calibration = trained["brick"][0].calibration.with_threshold(1e-9)
     store.set_calibration("brick", calibration)
     assert inspector.sync(store) == ["brick"]
     assert inspector.tasks["brick"].artifacts.calibration == calibration
     results, _ = inspector.inspect(normal)
-    assert all(r.threshold == 0.0 and r.is_defective for r in results if r.match.category == "brick")
+    assert all(r.threshold == 1e-9 and r.is_defective for r in results if r.match.category == "brick")
     assert inspector.tasks["brick"].expert is not expert  # blobs changed: the task was reloaded
 
 

@@ -8,9 +8,17 @@ The held-out scores are stored, so a new target FAR can be applied at runtime wi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+
+# An explicit threshold above this many times the highest held-out normal score would flag nothing.
+# Raw scores are distances, and a defect the expert sees scores a small multiple of the normal
+# scores, not orders of magnitude more; 100x still lets an operator set a deliberately very strict
+# threshold, yet refuses a typo (a few extra zeros, 1e9) that would silently pass every defective frame.
+MAX_THRESHOLD_RATIO = 100.0
+MAX_FALSE_ALARM_RATE = 0.5  # exclusive: flagging half the normal frames is no longer an inspection
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,8 @@ class Calibration:
     ) -> "Calibration":
         if len(scores) == 0:
             raise ValueError("calibration needs at least one held-out normal image")
+        for name, values in (("image scores", scores), ("map peaks", map_peaks), ("task distances", task_distances)):
+            _require_finite(name, values)
         base = cls(
             normal_scores=tuple(sorted(float(s) for s in scores)),
             normal_map_peaks=tuple(sorted(float(p) for p in map_peaks)),
@@ -39,17 +49,36 @@ class Calibration:
         return base.with_false_alarm_rate(false_alarm_rate)
 
     def with_false_alarm_rate(self, far: float) -> "Calibration":
+        """The threshold re-derived for a target false-alarm rate, finite and in (0, 0.5)."""
+        if not (_is_finite(far) and 0 < far < MAX_FALSE_ALARM_RATE):
+            raise ValueError(f"false-alarm rate must be a finite number in (0, {MAX_FALSE_ALARM_RATE}), got {far!r}")
         return replace(
             self,
-            false_alarm_rate=far,
+            false_alarm_rate=float(far),
             threshold=_upper_quantile(self.normal_scores, 1.0 - far),
             pixel_threshold=_upper_quantile(self.normal_map_peaks, 1.0 - far),
         )
 
     def with_threshold(self, threshold: float) -> "Calibration":
         """An explicit operator threshold; the pixel threshold moves by the same ratio."""
+        self._check_threshold(threshold)
+        threshold = float(threshold)  # a numpy scalar would spread into the pixel threshold, and not serialise
         ratio = threshold / self.threshold if self.threshold > 0 else 1.0
         return replace(self, threshold=threshold, pixel_threshold=self.pixel_threshold * ratio)
+
+    def _check_threshold(self, threshold: float) -> None:
+        if not _is_finite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        if threshold <= 0:
+            # Raw scores are non-negative distances: 0 or below flags every frame.
+            raise ValueError(f"threshold must be positive (raw scores are distances), got {threshold!r}")
+        highest = max(self.normal_scores, default=0.0)
+        # All-zero held-out scores give no scale to judge by; any positive threshold is then allowed.
+        if highest > 0 and threshold > MAX_THRESHOLD_RATIO * highest:
+            raise ValueError(
+                f"threshold {threshold:.6g} would flag nothing: it is more than {MAX_THRESHOLD_RATIO:g}x the "
+                f"highest held-out normal score ({highest:.6g})"
+            )
 
     @property
     def implied_false_alarm_rate(self) -> float:
@@ -76,6 +105,20 @@ class Calibration:
         fields["normal_scores"] = tuple(fields["normal_scores"])
         fields["normal_map_peaks"] = tuple(fields["normal_map_peaks"])
         return cls(**fields)
+
+
+def _is_finite(value: object) -> bool:
+    try:
+        return math.isfinite(value)  # numpy scalars too; None or a string is simply not finite
+    except TypeError:
+        return False
+
+
+def _require_finite(name: str, values: np.ndarray) -> None:
+    bad = int(np.count_nonzero(~np.isfinite(np.asarray(values, dtype=np.float64))))
+    if bad:
+        raise ValueError(f"calibration refused: {bad} of {len(values)} held-out normal {name} are not finite "
+                         "(inf or NaN)")
 
 
 def _upper_quantile(sorted_values: tuple[float, ...], q: float) -> float:

@@ -10,6 +10,7 @@ used here and is recorded for live monitoring.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,11 +28,20 @@ from pipeline.experts import Expert
 from pipeline.experts.frames import run_on_frames
 from pipeline.features.backbone import Backbones
 from pipeline.features.imaging import ImageDecodeError, decode_image
-from schemas.config import ModelConfig, TrainingConfig
+from schemas.config import InferenceConfig, ModelConfig, TrainingConfig
 from schemas.spec import InputSpec, routing_spec
 
+log = logging.getLogger(__name__)
 ProgressCallback = Callable[[float, str], None]
-_MAX_TRAIN_PIXELS = 40_000_000
+# A training image may be as large as a live frame may be (decoded pixels), no larger: the bound is
+# checked from the header, before any pixel is decoded.
+_MAX_TRAIN_PIXELS = InferenceConfig.model_fields["max_frame_pixels"].default
+# A file larger than 16-bit RGBA stored uncompressed (8 bytes a pixel) plus room for metadata is no image
+# within that bound; refusing it from its size avoids reading it into memory.
+_MAX_BYTES_PER_PIXEL = 8
+_METADATA_ALLOWANCE = 16 * 1024 * 1024
+MIN_TASK_IMAGES = 4  # the role split's minimum: 2 to fit, 1 to validate, 1 to calibrate (audit may be empty)
+_LISTED_SKIPS = 10  # skipped files named in an error message; the rest are counted
 ROLES = ("fit", "validation", "calibration", "audit")
 CALIBRATION_RESERVE = 0.2  # of the add budget, kept for calibrating the chosen expert and publishing
 
@@ -51,11 +61,20 @@ class Splits:
 def split_roles(paths: Sequence[Path], config: TrainingConfig, seed: int, limit: int | None = None) -> Splits:
     """Seeded shuffle, cap at `limit` (default config.max_train_images), then the four roles. Each of
     validation and calibration gets at least one image, fit at least two; audit may be empty."""
-    order = np.random.default_rng(seed).permutation(len(paths))
     cap = min(len(paths), limit or config.max_train_images)
-    if cap < 4:
-        raise ValueError(f"need at least 4 normal images, found {len(paths)}")
-    chosen = [paths[i] for i in order[:cap]]
+    if cap < MIN_TASK_IMAGES:
+        raise ValueError(f"need at least {MIN_TASK_IMAGES} normal images, found {len(paths)}")
+    shuffled = _shuffled(paths, seed)
+    return _assign_roles(shuffled[:cap], shuffled[cap:], config)
+
+
+def _shuffled(paths: Sequence[Path], seed: int) -> list[Path]:
+    return [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
+
+
+def _assign_roles(chosen: list[Path], unused: list[Path], config: TrainingConfig) -> Splits:
+    """The roles by position in `chosen` (already shuffled, at least MIN_TASK_IMAGES long)."""
+    cap = len(chosen)
     n_val = max(1, round(cap * config.validation_fraction))
     n_cal = max(1, round(cap * config.calibration_fraction))
     n_fit = max(2, round(cap * config.fit_fraction))
@@ -66,26 +85,58 @@ def split_roles(paths: Sequence[Path], config: TrainingConfig, seed: int, limit:
         validation=chosen[bounds[0] : bounds[1]],
         calibration=chosen[bounds[1] : bounds[2]],
         audit=chosen[bounds[2] :],
-        unused=[paths[i] for i in order[cap:]],
+        unused=unused,
     )
 
 
-def load_frames(paths: Sequence[Path], min_side: int) -> tuple[list[np.ndarray], list[Path], dict[str, str]]:
+class UnusableImage(ValueError):
+    """A training file that cannot serve as a normal image; the message is the reason."""
+
+
+def read_training_image(path: Path, min_side: int, max_pixels: int = _MAX_TRAIN_PIXELS) -> np.ndarray:
+    """uint8 HxWx3 of one training file, or UnusableImage saying why not (empty, too many bytes, not an
+    image, corrupt, more than `max_pixels` decoded pixels, a side under `min_side`)."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise UnusableImage("empty file (0 bytes)")
+        if size > max_pixels * _MAX_BYTES_PER_PIXEL + _METADATA_ALLOWANCE:
+            raise UnusableImage(f"{size} bytes is more than an image of at most {max_pixels} pixels needs")
+        image = decode_image(path.read_bytes(), max_pixels)
+    except (OSError, ImageDecodeError) as error:
+        raise UnusableImage(str(error)) from error
+    height, width = image.shape[:2]
+    if min(height, width) < min_side:
+        raise UnusableImage(f"{width}x{height} is smaller than {min_side} px")
+    return image
+
+
+def load_frames(paths: Sequence[Path], min_side: int,
+                max_pixels: int = _MAX_TRAIN_PIXELS) -> tuple[list[np.ndarray], list[Path], dict[str, str]]:
     """Decoded frames, their paths, and {file name: reason} for the files skipped (unreadable, not an
-    image, corrupt, too small): one bad file never fails a whole task."""
+    image, corrupt, too small, too large): one bad file never fails a whole task."""
     frames, kept, skipped = [], [], {}
     for path in paths:
         try:
-            image = decode_image(path.read_bytes(), _MAX_TRAIN_PIXELS)
-        except (OSError, ImageDecodeError) as error:
-            skipped[path.name] = str(error)
+            frames.append(read_training_image(path, min_side, max_pixels))
+        except UnusableImage as error:
+            _skip(skipped, path, str(error))
             continue
-        if min(image.shape[:2]) < min_side:
-            skipped[path.name] = f"{image.shape[1]}x{image.shape[0]} is smaller than {min_side} px"
-            continue
-        frames.append(image)
         kept.append(path)
     return frames, kept, skipped
+
+
+def _skip(skipped: dict[str, str], path: Path, reason: str) -> None:
+    log.warning("skipping training image %s: %s", path, reason)
+    skipped[path.name] = reason
+
+
+def describe_skipped(skipped: dict[str, str], limit: int = _LISTED_SKIPS) -> str:
+    """'a.png (reason); b.png (reason); ... and N more': a readable line even for a folder of bad files."""
+    shown = [f"{name} ({reason if len(reason) <= 120 else reason[:117] + '...'})"
+             for name, reason in list(skipped.items())[:limit]]
+    more = len(skipped) - len(shown)
+    return "; ".join(shown) + (f"; ... and {more} more" if more > 0 else "")
 
 
 @dataclass
@@ -99,14 +150,32 @@ class TaskImages:
 
 
 def load_task_images(train_dir: Path, training: TrainingConfig, seed: int, limit: int | None = None) -> TaskImages:
-    splits = split_roles(list_images(train_dir), training, seed, limit)
-    frames: dict[str, list[np.ndarray]] = {}
+    """Every file is checked before the roles are dealt, in the seeded order split_roles uses, until the
+    cap has that many usable images: a bad file is skipped by name and the next one takes its place, so
+    no role comes up short and no bad file hides in the audit split. Without bad files the split is
+    exactly split_roles'. Refuses (ValueError) when fewer than MIN_TASK_IMAGES are usable."""
+    shuffled = _shuffled(list_images(train_dir), seed)
+    cap = min(len(shuffled), limit or training.max_train_images)
+    decoded: dict[Path, np.ndarray] = {}
     skipped: dict[str, str] = {}
-    for role in ("fit", "validation", "calibration"):
-        frames[role], _, bad = load_frames(getattr(splits, role), training.min_image_side)
-        skipped |= bad
-    if len(frames["fit"]) < 2 or not frames["validation"] or not frames["calibration"]:
-        raise ValueError(f"too few usable images in {train_dir} after skipping {len(skipped)} bad files: {skipped}")
+    screened = 0
+    for path in shuffled:
+        if len(decoded) == cap:
+            break
+        screened += 1
+        try:
+            decoded[path] = read_training_image(path, training.min_image_side)
+        except UnusableImage as error:
+            _skip(skipped, path, str(error))
+    if len(decoded) < MIN_TASK_IMAGES:
+        raise ValueError(
+            f"only {len(decoded)} of {screened} images in {train_dir} are usable; a task needs at least "
+            f"{MIN_TASK_IMAGES} (2 to fit, 1 to validate, 1 to calibrate)"
+            + (f". Skipped: {describe_skipped(skipped)}" if skipped else "")
+        )
+    splits = _assign_roles(list(decoded), shuffled[screened:], training)
+    # The audit frames were decoded only to check them: they stay on disk, as before.
+    frames = {role: [decoded[p] for p in getattr(splits, role)] for role in ("fit", "validation", "calibration")}
     return TaskImages(splits, frames, skipped)
 
 
@@ -137,7 +206,7 @@ def train_task(
     splits, frames, skipped = images.splits, images.frames, images.skipped
     on_progress(0.05, f"{len(frames['fit'])} images to fit, {len(frames['validation'])} to validate, "
                       f"{len(frames['calibration'])} to calibrate, {len(splits.audit)} kept for audit"
-                      + (f"; skipped {skipped}" if skipped else ""))
+                      + (f"; skipped {describe_skipped(skipped)}" if skipped else ""))
 
     fit_tokens = routing_tokens(backbones, frames["fit"], model, training.batch_size)
     keys = select_keys(fit_tokens, model.num_keys, model.seed)
@@ -183,5 +252,5 @@ def calibrate(expert: Expert, spec: InputSpec, backbones: Backbones, keys: np.nd
     return Calibration.from_normals(outputs.scores, peaks, distances, far, model.unknown_slack)
 
 
-__all__ = ["ROLES", "Splits", "TaskImages", "calibrate", "load_frames", "load_task_images", "routing_tokens",
-           "split_roles", "train_task"]
+__all__ = ["MIN_TASK_IMAGES", "ROLES", "Splits", "TaskImages", "UnusableImage", "calibrate", "describe_skipped",
+           "load_frames", "load_task_images", "read_training_image", "routing_tokens", "split_roles", "train_task"]
