@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class _Config(BaseModel):
@@ -28,6 +29,44 @@ class TopicsConfig(_Config):
         return [self.frames, self.control, self.results, self.events, self.dead_letter]
 
 
+ScramMechanism = Literal["SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class SecurityConfig(_Config):
+    """Whether the local stack authenticates clients. Off (the default): loopback PLAINTEXT, no users.
+
+    On: Kafka takes SASL/SCRAM on its client port and authorises every request against per-role ACLs
+    (workers/security.py); Redis admits only its ACL users. Each role's credentials are generated into
+    `<state_dir>/credentials/<role>.json` (mode 0600), for the processes to read via the environment."""
+
+    enabled: bool = False
+    mechanism: ScramMechanism = "SCRAM-SHA-256"
+    tls: bool = Field(default=False, description="Kafka's client port speaks SASL_SSL with a self-signed "
+                      "certificate made under state_dir (the credential files name it as ssl_cafile).")
+
+
+class Credentials(_Config):
+    """One process' secrets: its Kafka user and, where it uses the store, its Redis user.
+
+    Read from the environment or a credentials file (workers/security.py), never from the command line;
+    SecretStr keeps the passwords out of reprs, logs and tracebacks."""
+
+    username: str = Field(min_length=1)
+    password: SecretStr
+    mechanism: ScramMechanism = "SCRAM-SHA-256"
+    security_protocol: Literal["SASL_PLAINTEXT", "SASL_SSL"] = "SASL_PLAINTEXT"
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle the broker's certificate is checked "
+                                    "against (SASL_SSL); None: the system's CAs.")
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _redis_pair(self) -> "Credentials":
+        if (self.redis_username is None) != (self.redis_password is None):
+            raise ValueError("redis_username and redis_password go together")
+        return self
+
+
 class StackConfig(_Config):
     """Where the local servers listen (loopback only) and keep their data."""
 
@@ -37,6 +76,7 @@ class StackConfig(_Config):
     redis_port: int = 16379
     prometheus_port: int = 19090
     state_dir: Path = Path(".stack")
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -99,8 +139,21 @@ class InferenceConfig(_Config):
     max_frame_pixels: int = Field(default=40_000_000, ge=1024, description="Decoded size limit.")
     store_poll_interval_s: float = Field(default=0.5, gt=0)
     metrics_port: int = Field(default=0, ge=0, description="0 = pick a free port.")
+    delivery: Literal["exactly_once", "at_least_once"] = Field(
+        default="exactly_once", description="exactly_once: each batch's results, dead letters and offsets in one "
+        "Kafka transaction. at_least_once: results first, then offsets (a crash may repeat a result).")
+    transaction_timeout_ms: int = Field(
+        default=10_000, ge=1000, le=60_000, description="How long a killed worker's open transaction can hold "
+        "back read_committed readers before the broker aborts it (a replacement in the same slot aborts it at once).")
+    stuck_after_s: float = Field(default=120.0, gt=0, description="No poll returned for this long: the consumer "
+                                 "is stuck; the worker exits for its supervisor to restart it.")
 
 
 class ControlConfig(_Config):
     group_id: str = "inspection-control"
     metrics_port: int = Field(default=0, ge=0)
+    stuck_after_s: float = Field(default=60.0, gt=0, description="See InferenceConfig.stuck_after_s; commands "
+                                 "run off the poll loop, so even training never delays a poll.")
+    keep_versions: int = Field(default=20, ge=1, description="Store manifests kept for rollback, newest first.")
+    gc_grace_s: float = Field(default=300.0, ge=0, description="A superseded manifest is kept at least this long, "
+                              "so a worker loading it never finds a blob gone.")

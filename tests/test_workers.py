@@ -12,6 +12,7 @@ import json
 import threading
 import time
 import urllib.parse
+from collections import Counter
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.data.datasets import labeled_test_images, write_synthetic_category
 from pipeline.features.imaging import encode_png
@@ -34,10 +36,20 @@ from schemas.messages import (
     InspectionResult,
     Record,
     RemoveCategory,
+    RollbackCategory,
     SetThreshold,
+    TrainingEvent,
 )
-from workers.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes
+from workers.client import (
+    collect_results,
+    read_dead_letters,
+    read_events,
+    seconds_to_next_result,
+    send_commands,
+    wait_for_outcomes,
+)
 from workers.kafka_io import make_producer, send_record
+from workers.simulator import CameraPartitions
 from workers.processes import WorkerProcess, spawn_worker, wait_for_store_version, wait_until
 from workers.simulator import frame_of
 from workers.stack import LocalStack
@@ -147,9 +159,11 @@ def test_adding_a_category_leaves_the_old_one_byte_identical(line: Line):
     before_hashes = task_blob_hashes(line.redis_url, "brick")
     before_entry = line.store.manifest().tasks["brick"]
 
-    [event] = line.command(AddCategory(category="gravel", train_dir=str(line.data / "gravel" / "train" / "good"),
-                                      expert="patchcore"))
+    with _PollWatch(line.control) as watch:  # training runs off the poll loop: the consumer stays in its group
+        [event] = line.command(AddCategory(category="gravel", train_dir=str(line.data / "gravel" / "train" / "good"),
+                                          expert="patchcore"))
     assert event.kind == EventKind.FINISHED, event.message
+    assert watch.busy_samples >= 3 and watch.worst_silence_s < 5.0, vars(watch)
     wait_for_store_version(line.inference, event.store_version)  # picked up live, no restart
 
     assert task_blob_hashes(line.redis_url, "brick") == before_hashes
@@ -232,22 +246,124 @@ def test_bad_control_commands_fail_with_a_reason_and_the_worker_goes_on(line: Li
     assert line.control.alive()
 
 
-def test_sigkill_mid_stream_loses_no_frame(line: Line):
-    frames = camera_frames(line.data, "brick") * 4  # 48 frames
-    frames = [f.model_copy(update={"frame_id": f"kill-{i}", "camera_id": f"cam-{i % 4}"}) for i, f in enumerate(frames)]
+# Raw documents an operator's tool might send; none may change the threshold, each is answered by id.
+_BAD_THRESHOLDS = {
+    "inf": b'"threshold": 1e309',
+    "nan": b'"threshold": NaN',
+    "negative": b'"threshold": -1.0',
+    "zero far": b'"false_alarm_rate": 0',
+    "far above range": b'"false_alarm_rate": 0.9',
+    "nan far": b'"false_alarm_rate": NaN',
+}
+
+
+def test_out_of_range_thresholds_fail_with_their_command_id(line: Line):
+    before = line.store.manifest().tasks["brick"]
+    ids = {}
+    producer = make_producer(line.bootstrap, line.topics, client_id="test-operator")
+    for name, field in _BAD_THRESHOLDS.items():
+        ids[name] = f"bad-threshold-{name.replace(' ', '-')}"
+        document = b'{"action": "set_threshold", "category": "brick", "command_id": "%s", %s}' % (ids[name].encode(), field)
+        producer.send(line.topics.control, value=document).get(30)
+    producer.close()
+    outcomes = wait_for_outcomes(line.bootstrap, line.topics, list(ids.values()), 120)
+    for name, command_id in ids.items():
+        assert outcomes[command_id].kind == EventKind.FAILED, name
+        assert outcomes[command_id].action == "set_threshold" and outcomes[command_id].category == "brick"
+    assert line.store.manifest().tasks["brick"] == before  # nothing changed
+    assert line.control.alive()
+
+
+def test_a_redelivered_command_is_answered_not_redone(line: Line):
+    """The worker died after publishing and before committing: the command comes again, same id."""
+    command = SetThreshold(category="brick", false_alarm_rate=0.05)
+    [first] = line.command(command)
+    assert first.kind == EventKind.FINISHED
+    version = line.store.version()
+    second = _outcome_after(line, command, first)
+    assert second.kind == EventKind.FINISHED and second.store_version == first.store_version
+    assert second.details.get("redelivered") is True
+    assert line.store.version() == version  # not carried out again
+
+
+def test_rollback_serves_an_earlier_task_version_byte_identical(line: Line):
+    history = line.store.history("brick")
+    assert len(history) >= 2  # added, then recalibrated by the tests above
+    first = history[0]
+    [event] = line.command(RollbackCategory(category="brick", task_version=first.task_version))
+    assert event.kind == EventKind.FINISHED, event.message
+    current = line.store.manifest().tasks["brick"]
+    assert current.blobs == first.blobs and current.restored_from == first.task_version
+    wait_for_store_version(line.inference, event.store_version)
+    [bad] = line.command(RollbackCategory(category="brick", task_version=10_000))
+    assert bad.kind == EventKind.FAILED and bad.command_id
+
+
+def test_worker_sigkill_mid_stream_gives_exactly_one_result_per_frame(line: Line):
+    frames = _numbered_frames(line, "kill", 48)
     victim = line.inference[0]
     produced_before = victim.metric("inspection_results_out_total") or 0
     publisher = threading.Thread(target=_publish_slowly, args=(line, frames, 8.0))
     publisher.start()
     wait_until(lambda: (victim.metric("inspection_results_out_total") or 0) >= produced_before + 3, 120,
                what="the worker to start producing results")
-    victim.kill()  # SIGKILL: no commit, no flush
+    victim.kill()  # SIGKILL: its open transaction is aborted by the broker after its timeout
     replacement = line.spawn_inference("infer-b")
     line.inference.remove(victim)
     publisher.join()
-    results, _duplicates = collect_results(line.bootstrap, line.topics, [f.frame_id for f in frames], 180)
+    results, duplicates = collect_results(line.bootstrap, line.topics, [f.frame_id for f in frames], 180)
     missing = sorted({f.frame_id for f in frames} - set(results))
     assert not missing, f"lost frames {missing}; replacement log:\n{replacement.log_tail()}"
+    assert duplicates == 0, f"{duplicates} frames got two committed results"
+
+
+def test_broker_sigkill_and_restart_mid_stream_gives_exactly_one_result_per_frame(line: Line):
+    frames = _numbered_frames(line, "broker", 40)
+    worker = line.inference[0]
+    produced_before = worker.metric("inspection_results_out_total") or 0
+    publisher = threading.Thread(target=_publish_slowly, args=(line, frames, 4.0))
+    publisher.start()
+    wait_until(lambda: (worker.metric("inspection_results_out_total") or 0) >= produced_before + 3, 120,
+               what="results before the broker goes down")
+    assert line.stack.kill("kafka")
+    time.sleep(3)
+    line.stack.up()  # returns once the broker answers again
+    resumed_after = seconds_to_next_result(line.bootstrap, line.topics, 60)
+    publisher.join()
+    results, duplicates = collect_results(line.bootstrap, line.topics, [f.frame_id for f in frames], 180)
+    missing = sorted({f.frame_id for f in frames} - set(results))
+    assert not missing, f"lost frames {missing}; worker log:\n{worker.log_tail()}"
+    assert duplicates == 0
+    assert resumed_after <= 10.0, f"results resumed {resumed_after:.1f}s after the broker was back"
+    assert all(w.alive() for w in line.inference)
+
+
+def test_redis_restart_keeps_serving(line: Line):
+    assert line.stack.kill("redis")
+    results = line.inspect(camera_frames(line.data, "brick", camera="cam-no-redis"))  # served from memory
+    assert all(r.category == "brick" for r in results.values())
+    line.stack.up()
+    assert "brick" in line.store.manifest().tasks  # AOF kept the store
+    assert all(w.alive() for w in [line.control, *line.inference])
+
+
+def test_four_cameras_spread_evenly_over_two_workers(line: Line):
+    if len(line.inference) < 2:
+        line.spawn_inference("infer-c")
+    wait_until(lambda: all(_series(w, "inspection_consumer_lag") == 2 for w in line.inference), 120,
+               what="two workers with two partitions each")
+    partition_of = CameraPartitions(line.topics.frame_partitions)
+    frames = [f.model_copy(update={"camera_id": f"line-cam-{i % 4}"}) for i, f in
+              enumerate(_numbered_frames(line, "balance", 48))]
+    producer = make_producer(line.bootstrap, line.topics, client_id="test-cameras")
+    for frame in frames:
+        send_record(producer, line.topics.frames, frame.to_record(), partition_of(frame.camera_id))
+    producer.flush()
+    producer.close()
+    results, _ = collect_results(line.bootstrap, line.topics, [f.frame_id for f in frames], 240)
+    assert len(results) == len(frames)
+    shares = Counter(r.worker_id for r in results.values())
+    assert len(shares) == 2 and all(0.4 <= n / len(frames) <= 0.6 for n in shares.values()), shares
 
 
 def test_metrics_reach_prometheus(line: Line):
@@ -270,6 +386,62 @@ def test_metrics_reach_prometheus(line: Line):
 def _inspected(line: Line, frames: list[Frame]) -> list[tuple[Frame, InspectionResult]]:
     results = line.inspect(frames)
     return [(f, results[f.frame_id]) for f in frames]
+
+
+class _PollWatch:
+    """Samples a worker's liveness gauge while it is busy with a command: the largest time since its
+    last poll returned."""
+
+    def __init__(self, worker: WorkerProcess):
+        self.worker = worker
+        self.busy_samples = 0
+        self.worst_silence_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "_PollWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            if self.worker.metric("inspection_control_busy") == 1:
+                last_poll = self.worker.metric("inspection_last_poll_timestamp_seconds") or 0
+                self.busy_samples += 1
+                self.worst_silence_s = max(self.worst_silence_s, time.time() - last_poll)
+
+
+def _numbered_frames(line: Line, prefix: str, count: int) -> list[Frame]:
+    frames = camera_frames(line.data, "brick")
+    return [frames[i % len(frames)].model_copy(update={"frame_id": f"{prefix}-{i}", "camera_id": f"cam-{i % 4}"})
+            for i in range(count)]
+
+
+def _outcome_after(line: Line, command, first) -> TrainingEvent:
+    """Send `command` again (same id) and wait for its next final event."""
+    send_commands(line.bootstrap, line.topics, [command])
+
+    def second(events):
+        return [e for e in events if e.command_id == command.command_id and e.kind in (EventKind.FINISHED, EventKind.FAILED)
+                and e.event_id != first.event_id]
+
+    found = second(read_events(line.bootstrap, line.topics, 120, until=lambda events: bool(second(events))))
+    assert found, "the redelivered command got no answer"
+    return found[0]
+
+
+def _series(worker: WorkerProcess, name: str) -> int:
+    """How many label sets `name` has on the worker's metrics page now."""
+    try:
+        with urllib.request.urlopen(worker.metrics_url, timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0
+    return sum(1 for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
 
 def _publish_slowly(line: Line, frames: list[Frame], rate: float) -> None:

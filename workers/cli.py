@@ -26,12 +26,15 @@ log = logging.getLogger("inspection")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.INFO if not args.quiet else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # kafka-python warns about its own event-loop timing under CPU load; real errors still show.
+    # kafka-python warns about its own event-loop timing under CPU load; real errors still show, and so do
+    # group-membership warnings (a consumer evicted from its group must not go unnoticed).
     logging.getLogger("kafka").setLevel(logging.ERROR)
+    logging.getLogger("kafka.coordinator").setLevel(logging.WARNING)
     return args.handler(args) or 0
 
 
@@ -44,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     stack = commands.add_parser("stack", help="start/stop/describe the local Kafka + Redis (+ Prometheus)")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument("--wipe", action="store_true", help="with down: delete the servers' data too")
+    stack.add_argument("--auth", action="store_true", help="with up: Kafka SASL/SCRAM + ACLs per role, Redis ACL "
+                       "users; each role's credentials file is written under --state-dir/credentials/")
+    stack.add_argument("--tls", action="store_true", help="with --auth: SASL_SSL with a self-signed certificate")
     _stack_options(stack)
     stack.set_defaults(handler=_stack)
 
@@ -57,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-frame-pixels", type=int, default=InferenceConfig().max_frame_pixels)
     worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     worker.add_argument("--device", default="cpu", help="torch device for the backbone, e.g. cuda")
+    worker.add_argument("--delivery", choices=["exactly_once", "at_least_once"], default=InferenceConfig().delivery,
+                        help="infer: results in Kafka transactions (default) or produced before offsets are committed")
+    worker.add_argument("--no-supervisor", action="store_true",
+                        help="run in this process; by default a parent restarts the worker if its consumer gets stuck")
     _connection_options(worker)
     worker.set_defaults(handler=_worker)
 
@@ -71,13 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     simulate.set_defaults(handler=_simulate)
 
     control = commands.add_parser("control", help="send one operator command to the control topic")
-    control.add_argument("action", choices=["add", "remove", "threshold", "expert"])
+    control.add_argument("action", choices=["add", "remove", "threshold", "expert", "rollback"])
     control.add_argument("category")
     control.add_argument("--train-dir", help="add: folder of normal images")
     control.add_argument("--expert", help="add / expert: expert name")
     control.add_argument("--threshold", type=float, help="threshold: raw score")
     control.add_argument("--false-alarm-rate", type=float, help="threshold: target FAR on held-out normals")
     control.add_argument("--replace", action="store_true", help="add: retrain an existing category")
+    control.add_argument("--task-version", type=int, help="rollback: the task version to serve again "
+                         "(`inspection store history CATEGORY` lists them)")
+    control.add_argument("--wait", type=float, default=0, help="seconds to wait for the command's outcome (0: don't)")
     _connection_options(control)
     control.set_defaults(handler=_control)
 
@@ -91,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
                        "choice leaves unfitted (over the per-frame budget or out of time)")
     bench.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     bench.set_defaults(handler=_bench)
+
+    delivery = commands.add_parser("bench-delivery", help="frames/s with and without Kafka transactions, and the time "
+                                   "to the next committed result after a worker SIGKILL and a broker restart")
+    delivery.add_argument("--frames", type=int, default=160, help="frames per throughput run (half per fault run)")
+    delivery.add_argument("--rate", type=float, default=6.0, help="frames/s the cameras publish during fault runs")
+    delivery.add_argument("--json", type=Path, default=None)
+    delivery.set_defaults(handler=_bench_delivery)
 
     continual = commands.add_parser("continual", help="continual benchmark: tasks learnt in sequence, task inferred per frame")
     continual.add_argument("--root", type=Path, default=Path("../shared/datasets"))
@@ -136,7 +156,10 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
 
 
 def stack_config(args: argparse.Namespace) -> StackConfig:
+    from schemas.config import SecurityConfig
+
     return StackConfig(
+        security=SecurityConfig(enabled=getattr(args, "auth", False), tls=getattr(args, "tls", False)),
         state_dir=args.state_dir,
         kafka_port=args.kafka_port,
         kafka_controller_port=args.kafka_controller_port,
@@ -161,6 +184,10 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    if not args.no_supervisor:  # the parent stays small: no torch, no models
+        from workers.liveness import supervise
+
+        return supervise([sys.executable, "-m", "workers.cli", *args.argv, "--no-supervisor"])
     import torch
     from prometheus_client import CollectorRegistry
 
@@ -173,8 +200,11 @@ def _worker(args: argparse.Namespace) -> int:
     worker_id = args.worker_id or f"{args.kind}-{os.getpid()}"
     stop = _stop_on_signals()
     registry = CollectorRegistry()
+    from workers.security import load_credentials, redis_client_options
+
     backbones = Backbones.pretrained(args.device)
-    store = KnowledgeStore.from_url(args.redis_url)
+    # Credentials come from the environment or a credentials file (never argv); Kafka clients read them too.
+    store = KnowledgeStore.from_url(args.redis_url, **redis_client_options(load_credentials()))
     topics = TopicsConfig()
     if args.kind == "infer":
         from pipeline.core.inspector import Inspector
@@ -182,7 +212,7 @@ def _worker(args: argparse.Namespace) -> int:
 
         config = InferenceConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                  max_frame_bytes=args.max_frame_bytes, max_frame_pixels=args.max_frame_pixels,
-                                 metrics_port=args.metrics_port)
+                                 metrics_port=args.metrics_port, delivery=args.delivery)
         worker = InferenceWorker(args.bootstrap, topics, config, Inspector(backbones, ModelConfig()), store,
                                  InferenceMetrics(registry), worker_id)
     else:
@@ -215,8 +245,18 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _control(args: argparse.Namespace) -> int:
-    from schemas.messages import AddCategory, ChooseExpert, RemoveCategory, SetThreshold
-    from workers.client import send_commands
+    from pydantic import ValidationError
+
+    try:
+        command = _command_of(args)
+    except ValidationError as exc:  # e.g. --threshold nan: refused here, never sent
+        raise SystemExit(f"control {args.action}: {exc.errors(include_url=False)[0]['msg']} "
+                         f"({'.'.join(map(str, exc.errors()[0]['loc']))})") from None
+    return _send_control(args, command)
+
+
+def _command_of(args: argparse.Namespace):
+    from schemas.messages import AddCategory, ChooseExpert, RemoveCategory, RollbackCategory, SetThreshold
 
     if args.action == "add":
         if not args.train_dir:
@@ -227,10 +267,24 @@ def _control(args: argparse.Namespace) -> int:
         command = RemoveCategory(category=args.category)
     elif args.action == "threshold":
         command = SetThreshold(category=args.category, threshold=args.threshold, false_alarm_rate=args.false_alarm_rate)
+    elif args.action == "rollback":
+        if args.task_version is None:
+            raise SystemExit("control rollback needs --task-version")
+        command = RollbackCategory(category=args.category, task_version=args.task_version)
     else:
         command = ChooseExpert(category=args.category, expert=args.expert)
+    return command
+
+
+def _send_control(args: argparse.Namespace, command) -> int:
+    from workers.client import send_commands, wait_for_outcomes
+
     send_commands(args.bootstrap, TopicsConfig(), [command])
     print(json.dumps({"sent": command.action, "command_id": command.command_id}))
+    if args.wait > 0:
+        outcome = wait_for_outcomes(args.bootstrap, TopicsConfig(), [command.command_id], args.wait)[command.command_id]
+        print(outcome.model_dump_json())
+        return 0 if outcome.kind.value == "finished" else 1
     return 0
 
 
@@ -255,6 +309,18 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "max_train_images": args.max_train_images,
                                          "rows": rows_as_dicts(rows)}, indent=2))
+    return 0
+
+
+def _bench_delivery(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from workers.delivery_bench import markdown_table, run_delivery_benchmark
+
+    rows = run_delivery_benchmark(args.frames, args.rate)
+    print(markdown_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return 0
 
 

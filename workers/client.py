@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from pydantic import BaseModel, ValidationError
@@ -17,7 +18,9 @@ from schemas.messages import (
     TrainingEvent,
     control_to_json,
 )
-from workers.kafka_io import make_producer, read_topic
+from kafka import TopicPartition
+
+from workers.kafka_io import make_consumer, make_producer, read_topic
 
 _FINAL = {EventKind.FINISHED, EventKind.FAILED}
 log = logging.getLogger(__name__)
@@ -99,3 +102,21 @@ def read_dead_letters(bootstrap: str, topics: TopicsConfig, timeout_s: float, un
 
     stop = (lambda records: until(parsed(records))) if until else None
     return parsed(read_topic(bootstrap, topics.dead_letter, topics, timeout_s, stop))
+
+
+def seconds_to_next_result(bootstrap: str, topics: TopicsConfig, timeout_s: float) -> float:
+    """Seconds from now until the next result is committed (read_committed, from the current end)."""
+    started = time.monotonic()
+    consumer = make_consumer(bootstrap, None, [], topics, client_id="inspection-resume-timer")
+    try:
+        partitions = [TopicPartition(topics.results, p) for p in range(topics.result_partitions)]
+        consumer.assign(partitions)
+        consumer.seek_to_end(*partitions)
+        for partition in partitions:
+            consumer.position(partition)  # resolve "end" now, not at the first fetch
+        while time.monotonic() - started < timeout_s:
+            if any(consumer.poll(timeout_ms=100).values()):
+                return time.monotonic() - started
+    finally:
+        consumer.close()
+    raise TimeoutError(f"no result committed within {timeout_s:.0f}s")

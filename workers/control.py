@@ -1,8 +1,14 @@
-"""Control worker: operator commands -> train / remove / recalibrate one task -> store -> events.
+"""Control worker: operator commands -> train / remove / recalibrate / roll back one task -> store -> events.
 
-Commands are handled one at a time, in order (the control topic has one partition). Each ends with a
-`finished` or `failed` event that names the command; a malformed command is also dead-lettered. The
-offset is committed after the command is handled, so a crash mid-training retrains on restart.
+Commands are carried out one at a time, in order (the control topic has one partition), each on a
+thread of its own while the main loop keeps polling the (paused) partition: training takes minutes,
+and a consumer that stops polling for that long loses its group membership (kafka-python can then
+spin inside poll() for good; see workers/liveness.py). A command ends with a `finished` or `failed`
+event that names its command id whenever the id can be read, even from a malformed command.
+
+Idempotence: the store records which command produced each version. The offset is committed after
+the command is carried out, so a crash or a lost membership redelivers it; a redelivered command whose
+id the store already knows is answered `finished` with that version, not carried out again.
 """
 
 from __future__ import annotations
@@ -11,9 +17,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 
 from pipeline.features.backbone import Backbones
 from schemas.spec import InputSpec
@@ -28,21 +37,32 @@ from schemas.messages import (
     DeadLetterReason,
     EventKind,
     RemoveCategory,
+    RollbackCategory,
     SchemaError,
     SetThreshold,
     TrainingEvent,
+    command_fields_of,
     parse_control,
 )
 from workers.kafka_io import make_consumer, make_producer, record_of, send_record
+from workers.liveness import PollWatchdog
 from workers.metrics import ControlMetrics
 
 log = logging.getLogger(__name__)
-# Training a task can take many minutes; the group must not evict the worker meanwhile.
-_MAX_POLL_INTERVAL_MS = 3 * 60 * 60 * 1000
 
 
 class CommandRejected(Exception):
     """A well-formed command that cannot be carried out (unknown category, missing folder, ...)."""
+
+
+@dataclass
+class _Running:
+    """The command being carried out on its own thread, and where to commit once it is done."""
+
+    partition: TopicPartition
+    next_offset: int
+    thread: threading.Thread
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class ControlWorker:
@@ -57,8 +77,10 @@ class ControlWorker:
         store: KnowledgeStore,
         metrics: ControlMetrics,
         worker_id: str,
+        **client_options,
     ):
         self.topics = topics
+        self.config = config
         self.model = model
         self.training = training
         self.backbones = backbones
@@ -66,29 +88,72 @@ class ControlWorker:
         self.metrics = metrics
         self.worker_id = worker_id
         self.consumer: KafkaConsumer = make_consumer(
-            bootstrap, config.group_id, [topics.control], topics, client_id=worker_id,
-            max_poll_records=1, max_poll_interval_ms=_MAX_POLL_INTERVAL_MS,
+            bootstrap, config.group_id, [topics.control], topics, client_id=worker_id, max_poll_records=1,
+            **client_options,
         )
-        self.producer: KafkaProducer = make_producer(bootstrap, topics, client_id=worker_id)
+        self.producer: KafkaProducer = make_producer(bootstrap, topics, client_id=worker_id, **client_options)
+        self.watchdog = PollWatchdog(metrics, config.stuck_after_s)
+        self._running: _Running | None = None
         self._handlers: dict[type, Callable] = {
             AddCategory: self._add,
             RemoveCategory: self._remove,
             SetThreshold: self._set_threshold,
             ChooseExpert: self._choose_expert,
+            RollbackCategory: self._rollback,
         }
 
     def run(self, stop: threading.Event) -> None:
         log.info("control worker %s consuming %s", self.worker_id, self.topics.control)
         self._refresh_gauges()
+        self.watchdog.start()
         try:
             while not stop.is_set():
-                for records in self.consumer.poll(timeout_ms=200).values():
+                polled = self.consumer.poll(timeout_ms=200)
+                self.watchdog.beat()
+                for records in polled.values():
                     for consumer_record in records:
-                        self.handle(consumer_record)
-                        self.consumer.commit()
+                        self._take(consumer_record)
+                self._finish_if_done()
         finally:
+            # A command still running is not committed: it is redelivered (and recognised) on restart.
+            self.watchdog.stop()
             self.consumer.close()
             self.producer.close()
+
+    def _take(self, consumer_record) -> None:
+        partition = TopicPartition(consumer_record.topic, consumer_record.partition)
+        if self._running is not None:
+            # Fetched again after a rebalance while one command runs: read it once the running one is done.
+            self.consumer.seek(partition, consumer_record.offset)
+            self.consumer.pause(partition)
+            return
+        self.consumer.pause(partition)
+        running = _Running(partition, consumer_record.offset + 1, threading.Thread(
+            target=lambda: self._handle_then_signal(consumer_record), name="command", daemon=True))
+        self._running = running
+        self.metrics.busy.set(1)
+        running.thread.start()
+
+    def _handle_then_signal(self, consumer_record) -> None:
+        try:
+            self.handle(consumer_record)
+        finally:
+            self._running.done.set()
+
+    def _finish_if_done(self) -> None:
+        running = self._running
+        if running is None or not running.done.is_set():
+            return
+        self._running = None
+        self.metrics.busy.set(0)
+        try:
+            self.consumer.commit({running.partition: OffsetAndMetadata(running.next_offset, "", -1)})
+        except KafkaError as exc:
+            # Membership lost meanwhile: the command comes again and the store's record answers it.
+            log.warning("commit of control offset %d failed (%s); the command will be redelivered and "
+                        "recognised", running.next_offset, exc)
+        if running.partition in self.consumer.assignment():
+            self.consumer.resume(running.partition)
 
     # ------------------------------------------------------------------------------- dispatch
     def handle(self, consumer_record) -> None:
@@ -100,6 +165,8 @@ class ControlWorker:
             return
         action = command.action
         try:
+            if self._already_applied(command):
+                return
             self._handlers[type(command)](command)
             self.metrics.commands.labels(action, "ok").inc()
         except (CommandRejected, StoreError, ValueError, OSError) as exc:
@@ -110,6 +177,17 @@ class ControlWorker:
             self._event(command, EventKind.FAILED, f"{action} failed: {type(exc).__name__}: {exc}")
             self.metrics.commands.labels(action, "failed").inc()
         self._refresh_gauges()
+
+    def _already_applied(self, command: ControlCommand) -> bool:
+        """A redelivered command (the worker died between carrying it out and committing) is answered,
+        not redone: retraining would publish different blobs (the meta holds timings) under a new version."""
+        version = self.store.applied(command.command_id)
+        if version is None:
+            return False
+        self._event(command, EventKind.FINISHED, f"{command.action} {command.command_id} was already applied "
+                    f"as store version {version}", store_version=version, details={"redelivered": True})
+        self.metrics.commands.labels(command.action, "redelivered").inc()
+        return True
 
     def _add(self, command: AddCategory) -> None:
         if command.category in self.store.manifest().tasks and not command.replace:
@@ -134,7 +212,8 @@ class ControlWorker:
             command.category, train_dir, expert, self.backbones, self.model, self.training, far, limit,
             on_progress=lambda fraction, message: self._event(command, EventKind.PROGRESS, message, progress=fraction),
         )
-        version = self.store.publish(task)
+        version = self.store.publish(task, command_id=command.command_id)
+        self._collect_garbage()
         seconds = time.perf_counter() - started
         self.metrics.training_seconds.labels(task.expert_name).observe(seconds)
         entry = self.store.manifest().tasks[command.category]
@@ -160,8 +239,25 @@ class ControlWorker:
         )
 
     def _remove(self, command: RemoveCategory) -> None:
-        version = self.store.remove(command.category)
+        version = self.store.remove(command.category, command_id=command.command_id)
         self._event(command, EventKind.FINISHED, f"{command.category!r} removed", store_version=version)
+
+    def _rollback(self, command: RollbackCategory) -> None:
+        version = self.store.rollback(command.category, command.task_version, command_id=command.command_id)
+        entry = self.store.manifest().tasks[command.category]
+        self._event(command, EventKind.FINISHED,
+                    f"{command.category!r} serves task version {command.task_version} again, as store version {version}",
+                    store_version=version, details={"expert": entry.expert, "restored_from": command.task_version})
+
+    def _collect_garbage(self) -> None:
+        """Old manifests' unreferenced blobs go, under the retention rule (never what a reader may load)."""
+        try:
+            report = self.store.collect_garbage(self.config.keep_versions, self.config.gc_grace_s)
+        except StoreError as exc:
+            log.warning("store garbage collection skipped: %s", exc)
+            return
+        if report.blobs_deleted or report.manifests_deleted:
+            log.info("store garbage collection: %s", report)
 
     def _set_threshold(self, command: SetThreshold) -> None:
         calibration = self.store.load_task(self._entry(command.category)).calibration
@@ -169,7 +265,7 @@ class ControlWorker:
             calibration = calibration.with_threshold(command.threshold)
         else:
             calibration = calibration.with_false_alarm_rate(command.false_alarm_rate)
-        version = self.store.set_calibration(command.category, calibration)
+        version = self.store.set_calibration(command.category, calibration, command_id=command.command_id)
         self._event(
             command, EventKind.FINISHED, f"threshold of {command.category!r} set to {calibration.threshold:.5g}",
             store_version=version,
@@ -191,9 +287,13 @@ class ControlWorker:
         self.producer.flush()
 
     def _bad_command(self, consumer_record, record, detail: str) -> None:
+        """Dead-letter a malformed command; its failed event names whatever of it can be read (its id above
+        all, so an operator waiting for it gets the answer instead of a timeout)."""
         log.warning("bad control command at offset %d: %s", consumer_record.offset, detail)
         self.metrics.commands.labels("invalid", "rejected").inc()
-        event = TrainingEvent(command_id=None, action=None, category=None, kind=EventKind.FAILED, message=detail)
+        fields = command_fields_of(record.value)
+        event = TrainingEvent(command_id=fields.get("command_id"), action=fields.get("action"),
+                              category=fields.get("category"), kind=EventKind.FAILED, message=detail)
         letter = DeadLetter(
             worker_id=self.worker_id, source_topic=consumer_record.topic, partition=consumer_record.partition,
             offset=consumer_record.offset, reason=DeadLetterReason.BAD_COMMAND, detail=detail,

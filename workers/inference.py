@@ -1,8 +1,12 @@
 """Inference worker: frames topic -> micro-batches -> pipeline.Inspector -> results topic.
 
-Delivery is at-least-once: a batch's results (and dead letters) are produced and acknowledged by the
-broker before the batch's offsets are committed, so a worker killed at any point loses no frame; a
-redelivered frame yields a second result with the same key (its frame id), which consumers recognise.
+Delivery is exactly-once by default: a batch's results, its dead letters and its frames' offsets are
+one Kafka transaction (a transactional producer per worker slot, offsets sent with the consumer's group
+metadata so a stale member is fenced, KIP-447). A worker killed mid-batch leaves an open transaction
+that the broker aborts after `transaction_timeout_ms` (at once if a worker starts in the same slot);
+the frames are then read again from the committed offsets, so readers with isolation `read_committed`
+see exactly one result per frame. `delivery="at_least_once"` instead produces, flushes and then commits
+(cheaper; a crash between the two repeats a result, which consumers recognise by its key, the frame id).
 Workers in one consumer group share the frames topic's partitions.
 """
 
@@ -13,8 +17,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
+from kafka.structs import OffsetAndMetadata
 
 from pipeline.features.imaging import ImageDecodeError, anomaly_map_to_png, decode_image, find_boxes
 from pipeline.core.inspector import BatchTimings, Inspection, Inspector
@@ -32,10 +38,13 @@ from schemas.messages import (
     frame_id_of,
     utc_now,
 )
-from workers.kafka_io import make_consumer, make_producer, record_of, send_record
+from workers.kafka_io import make_consumer, make_producer, make_transactional_producer, record_of, send_record
+from workers.liveness import PollWatchdog
 from workers.metrics import InferenceMetrics
 
 log = logging.getLogger(__name__)
+TRANSACTIONAL_ID_PREFIX = "inspection-infer-"
+_LAG_REFRESH_S = 1.0
 
 
 @dataclass
@@ -43,6 +52,20 @@ class _Decoded:
     frame: Frame
     image: object  # np.ndarray H x W x 3
     decode_ms: float
+
+
+class _Rebalances(ConsumerRebalanceListener):
+    """Counts rebalances: a batch gathered across one is not delivered (part of it may be another
+    worker's now); its partitions that stay ours are read again from the batch's first offsets."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.count += 1
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.count += 1
 
 
 class InferenceWorker:
@@ -55,29 +78,58 @@ class InferenceWorker:
         store: KnowledgeStore,
         metrics: InferenceMetrics,
         worker_id: str,
+        **client_options,
     ):
+        self.bootstrap = bootstrap
         self.topics = topics
         self.config = config
         self.inspector = inspector
         self.store = store
         self.metrics = metrics
         self.worker_id = worker_id
+        self.client_options = client_options
+        self.rebalances = _Rebalances()
         self.consumer: KafkaConsumer = make_consumer(
-            bootstrap, config.group_id, [topics.frames], topics, client_id=worker_id, max_poll_records=config.max_batch_size
+            bootstrap, config.group_id, [], topics, client_id=worker_id, max_poll_records=config.max_batch_size,
+            # Partition p to worker p mod W: cameras dealt to partitions in turn spread evenly (simulator).
+            partition_assignment_strategy=[RoundRobinPartitionAssignor], **client_options,
         )
-        self.producer: KafkaProducer = make_producer(bootstrap, topics, client_id=worker_id)
+        self.consumer.subscribe([topics.frames], listener=self.rebalances)
+        self.producer: KafkaProducer = self._new_producer()
+        self.watchdog = PollWatchdog(metrics, config.stuck_after_s)
         self._next_store_check = 0.0
+        self._next_lag_check = 0.0
+
+    @property
+    def transactional(self) -> bool:
+        return self.config.delivery == "exactly_once"
+
+    def _new_producer(self) -> KafkaProducer:
+        if not self.transactional:
+            return make_producer(self.bootstrap, self.topics, client_id=self.worker_id, **self.client_options)
+        # The slot's id is stable across restarts: a new instance fences the old and aborts its transaction.
+        return make_transactional_producer(self.bootstrap, self.topics, TRANSACTIONAL_ID_PREFIX + self.worker_id,
+                                           self.config.transaction_timeout_ms, **self.client_options)
 
     # ------------------------------------------------------------------------------------- loop
     def run(self, stop: threading.Event) -> None:
-        log.info("worker %s consuming %s", self.worker_id, self.topics.frames)
+        log.info("worker %s consuming %s (%s)", self.worker_id, self.topics.frames, self.config.delivery)
+        self.watchdog.start()
         try:
             while not stop.is_set():
                 self._follow_store()
+                rebalances = self.rebalances.count
                 records = self._poll_batch()
-                if records:
+                if records and rebalances != self.rebalances.count:
+                    # Gathered across a rebalance: read what is still ours again from the batch's start,
+                    # under the new generation (the rest is another worker's now).
+                    log.info("batch of %d gathered across a rebalance; reading it again", len(records))
+                    self._rewind(records)
+                elif records:
                     self._handle_batch(records)
+                self._update_lag()
         finally:
+            self.watchdog.stop()
             self.consumer.close()
             self.producer.close()
 
@@ -104,6 +156,7 @@ class InferenceWorker:
             if deadline is not None and timeout_ms <= 0:
                 break
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.config.max_batch_size - len(records))
+            self.watchdog.beat()
             fresh = [r for batch in polled.values() for r in batch]
             if not fresh and deadline is None:
                 break  # idle: go back to the loop to check stop and the store
@@ -116,19 +169,22 @@ class InferenceWorker:
     def _handle_batch(self, records: list) -> None:
         self.metrics.frames_in.inc(len(records))
         self.metrics.batch_size.observe(len(records))
+        outgoing: list[tuple[str, Record]] = []
         decoded = []
         for consumer_record in records:
             item = self._decode(consumer_record)
-            if item is not None:
+            if isinstance(item, DeadLetter):
+                outgoing.append((self.topics.dead_letter, item.to_record()))
+            else:
                 decoded.append(item)
         if decoded:
-            for result in self._inspect(decoded, records):
-                send_record(self.producer, self.topics.results, result.to_record())
-        self.producer.flush()  # results are on the broker before their frames' offsets are committed
-        self._commit()
-        self._update_lag()
+            outgoing += [(self.topics.results, r.to_record()) for r in self._inspect(decoded, records, outgoing)]
+        if self.transactional:
+            self._deliver_in_transaction(outgoing, records)
+        else:
+            self._deliver_then_commit(outgoing)
 
-    def _decode(self, consumer_record) -> _Decoded | None:
+    def _decode(self, consumer_record) -> _Decoded | DeadLetter:
         started = time.perf_counter()
         record = record_of(consumer_record)
         try:
@@ -140,23 +196,21 @@ class InferenceWorker:
             frame = Frame.from_record(record)
             image = decode_image(frame.image, self.config.max_frame_pixels)
         except SchemaError as exc:
-            self._dead_letter(consumer_record, record, DeadLetterReason.WRONG_SCHEMA, str(exc))
-            return None
+            return self._dead_letter(consumer_record, record, DeadLetterReason.WRONG_SCHEMA, str(exc))
         except ImageDecodeError as exc:
-            self._dead_letter(consumer_record, record, DeadLetterReason(exc.reason), str(exc))
-            return None
+            return self._dead_letter(consumer_record, record, DeadLetterReason(exc.reason), str(exc))
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
         return _Decoded(frame, image, 1000 * (time.perf_counter() - started))
 
-    def _inspect(self, decoded: list[_Decoded], records: list) -> list[InspectionResult]:
+    def _inspect(self, decoded: list[_Decoded], records: list, outgoing: list) -> list[InspectionResult]:
         try:
             inspections, timings = self.inspector.inspect([d.image for d in decoded])
         except Exception as exc:  # one poisonous frame must not sink its batch-mates: retry one by one
             if len(decoded) == 1:
-                self._dead_letter_frame(decoded[0], records, exc)
+                outgoing.append((self.topics.dead_letter, self._dead_letter_frame(decoded[0], records, exc).to_record()))
                 return []
             log.exception("batch of %d failed; retrying frames one by one", len(decoded))
-            return [r for d in decoded for r in self._inspect([d], records)]
+            return [r for d in decoded for r in self._inspect([d], records, outgoing)]
         for stage in ("features", "task_id", "expert"):
             self.metrics.stage_seconds.labels(stage).observe(getattr(timings, f"{stage}_ms") / 1000)
         return [self._result(d, inspection, timings) for d, inspection in zip(decoded, inspections)]
@@ -203,12 +257,56 @@ class InferenceWorker:
             ground_truth=item.frame.ground_truth,
         )
 
+    # ------------------------------------------------------------------------------ delivery
+    def _deliver_in_transaction(self, outgoing: list[tuple[str, Record]], records: list) -> None:
+        """Results, dead letters and the batch's offsets become visible together, or not at all."""
+        try:
+            self.producer.begin_transaction()
+            for topic, record in outgoing:
+                send_record(self.producer, topic, record)
+            self.producer.send_offsets_to_transaction(_next_offsets(records), self.consumer.group_metadata())
+            self.producer.commit_transaction()
+            self.metrics.transactions.labels("committed").inc()
+        except ProducerFencedError:
+            raise  # another instance owns this slot now: this one must stop (its supervisor says so)
+        except KafkaError as exc:
+            log.warning("transaction of a batch of %d failed (%s: %s); aborted, its frames come again",
+                        len(records), type(exc).__name__, exc)
+            self.metrics.transactions.labels("aborted").inc()
+            self._abort()
+            self._rewind(records)
+
+    def _abort(self) -> None:
+        try:
+            self.producer.abort_transaction()
+        except KafkaError as exc:  # a fatal producer state: start a fresh producer in the same slot
+            log.warning("abort failed (%s); starting a new producer for slot %s", exc, self.worker_id)
+            self.producer.close(timeout=5)
+            self.producer = self._new_producer()
+
+    def _rewind(self, records: list) -> None:
+        """Read the batch again: the consumer's position moved past it, the committed offset did not."""
+        assigned = self.consumer.assignment()
+        for partition, offset in _first_offsets(records).items():
+            if partition in assigned:
+                self.consumer.seek(partition, offset)
+
+    def _deliver_then_commit(self, outgoing: list[tuple[str, Record]]) -> None:
+        for topic, record in outgoing:
+            send_record(self.producer, topic, record)
+        self.producer.flush()  # results are on the broker before their frames' offsets are committed
+        try:
+            self.consumer.commit()
+        except CommitFailedError:
+            # The group rebalanced under us: another worker re-reads these frames (a duplicate, not a loss).
+            log.warning("offset commit failed after a rebalance; the batch will be redelivered")
+
     # ------------------------------------------------------------------------------ bookkeeping
-    def _dead_letter(self, consumer_record, record: Record, reason: DeadLetterReason, detail: str) -> None:
+    def _dead_letter(self, consumer_record, record: Record, reason: DeadLetterReason, detail: str) -> DeadLetter:
         log.warning("dead-letter %s:%d@%d %s: %s", consumer_record.topic, consumer_record.partition,
                     consumer_record.offset, reason.value, detail)
         self.metrics.errors.labels(reason.value).inc()
-        letter = DeadLetter(
+        return DeadLetter(
             worker_id=self.worker_id,
             source_topic=consumer_record.topic,
             partition=consumer_record.partition,
@@ -220,27 +318,44 @@ class InferenceWorker:
             value=record.value,
             headers=record.headers,
         )
-        send_record(self.producer, self.topics.dead_letter, letter.to_record())
 
-    def _dead_letter_frame(self, item: _Decoded, records: list, exc: Exception) -> None:
+    def _dead_letter_frame(self, item: _Decoded, records: list, exc: Exception) -> DeadLetter:
         log.exception("frame %s failed in the pipeline", item.frame.frame_id)
         source = next(r for r in records if frame_id_of(record_of(r)) == item.frame.frame_id)
-        self._dead_letter(source, record_of(source), DeadLetterReason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
-
-    def _commit(self) -> None:
-        try:
-            self.consumer.commit()
-        except CommitFailedError:
-            # The group rebalanced under us: another worker re-reads these frames (a duplicate, not a loss).
-            log.warning("offset commit failed after a rebalance; the batch will be redelivered")
+        return self._dead_letter(source, record_of(source), DeadLetterReason.PROCESSING_ERROR,
+                                 f"{type(exc).__name__}: {exc}")
 
     def _update_lag(self) -> None:
-        for partition in self.consumer.assignment():
-            highwater = self.consumer.highwater(partition)
-            if highwater is not None:
-                self.metrics.consumer_lag.labels(str(partition.partition)).set(
-                    max(0, highwater - self.consumer.position(partition))
-                )
+        """Lag of every assigned partition from the broker's end offsets (a highwater is only known for
+        partitions fetched lately, which left idle or stalled partitions stale)."""
+        now = time.monotonic()
+        if now < self._next_lag_check:
+            return
+        self._next_lag_check = now + _LAG_REFRESH_S
+        assigned = list(self.consumer.assignment())
+        try:
+            ends = self.consumer.end_offsets(assigned, timeout_ms=2000) if assigned else {}
+            lag = {tp.partition: max(0, ends[tp] - self.consumer.position(tp, timeout_ms=2000)) for tp in assigned}
+        except KafkaError as exc:
+            log.debug("lag not refreshed: %s", exc)
+            return
+        self.metrics.set_lag(lag)
+
+
+def _first_offsets(records: list) -> dict[TopicPartition, int]:
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    return first
+
+
+def _next_offsets(records: list) -> dict[TopicPartition, OffsetAndMetadata]:
+    last: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        last[tp] = max(last.get(tp, r.offset), r.offset)
+    return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()}
 
 
 def _decision(inspection: Inspection) -> Decision:

@@ -1,7 +1,9 @@
 """Thin helpers over kafka-python: topic setup, configured clients, Record conversion. No ML here.
 
 Every client is sized for `TopicsConfig.max_message_bytes` so a full-size camera frame passes from
-producer to broker to consumer without any of them refusing it.
+producer to broker to consumer without any of them refusing it. Every client authenticates as the
+process' role when the environment names credentials (workers/security.py: a credentials file or
+variables, never argv); options passed explicitly win over them.
 """
 
 from __future__ import annotations
@@ -18,12 +20,34 @@ from kafka.producer.future import FutureRecordMetadata
 
 from schemas.config import TopicsConfig
 from schemas.messages import Record
+from workers.security import kafka_client_options, load_credentials
 
 log = logging.getLogger(__name__)
 
 # kafka-python refuses any single response larger than this; it must hold one full fetch.
 _DEFAULT_RECEIVE_MAX_BYTES = 100_000_000
 _DEFAULT_FETCH_MAX_BYTES = 52_428_800
+
+# Recovery after a broker restart is bounded by these, set deliberately (kafka-python's defaults let a
+# client back off for up to 30 s between reconnects, which was most of a measured 56 s outage):
+RECOVERY_OPTIONS: dict[str, Any] = dict(
+    reconnect_backoff_ms=50,
+    reconnect_backoff_max_ms=1000,  # a restarted broker is retried at least once a second
+    retry_backoff_ms=100,
+    request_timeout_ms=10_000,  # a request to a dead connection fails in 10 s, not 30 s
+    metadata_max_age_ms=30_000,
+)
+# Group membership: a dead member is noticed in 10 s; a live one keeps heartbeating from kafka-python's
+# own thread however long a batch takes; work between two polls may take a minute (the rebalance
+# timeout too, so a rebalance never waits hours for a member that will not come back).
+GROUP_OPTIONS: dict[str, Any] = dict(session_timeout_ms=10_000, heartbeat_interval_ms=2_000,
+                                     max_poll_interval_ms=60_000)
+READ_COMMITTED = "read_committed"
+
+
+def process_security() -> dict[str, Any]:
+    """kafka-python SASL/TLS options of this process' credentials; {} when none are configured."""
+    return kafka_client_options(load_credentials())
 
 
 def topic_specs(topics: TopicsConfig) -> dict[str, dict[str, Any]]:
@@ -36,9 +60,10 @@ def topic_specs(topics: TopicsConfig) -> dict[str, dict[str, Any]]:
     }
 
 
-def ensure_topics(bootstrap: str, topics: TopicsConfig, timeout_s: float = 30.0) -> None:
+def ensure_topics(bootstrap: str, topics: TopicsConfig, timeout_s: float = 30.0, **client_options: Any) -> None:
     """Create the missing pipeline topics and wait until every partition has a leader. Idempotent."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="inspection-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="inspection-admin",
+                             **{**process_security(), **client_options})
     try:
         specs = topic_specs(topics)
         existing = set(admin.list_topics())
@@ -75,13 +100,31 @@ def make_producer(bootstrap: str, topics: TopicsConfig, client_id: str, **overri
         client_id=client_id,
         acks="all",
         enable_idempotence=True,
-        retries=10,
+        retries=2**31 - 1,  # bounded by delivery_timeout_ms, not by a count that a broker restart exhausts
+        delivery_timeout_ms=120_000,
         max_in_flight_requests_per_connection=5,
         max_request_size=topics.max_message_bytes,
         linger_ms=5,
+        **RECOVERY_OPTIONS,
+        **process_security(),
     )
     config.update(overrides)
     return KafkaProducer(**config)
+
+
+def make_transactional_producer(
+    bootstrap: str, topics: TopicsConfig, transactional_id: str, transaction_timeout_ms: int, **overrides: Any
+) -> KafkaProducer:
+    """An idempotent producer with a stable `transactional_id`, transactions initialised.
+
+    Starting a producer with the id of a dead one aborts that one's open transaction at once (and
+    fences it, should it come back); otherwise the broker aborts it after `transaction_timeout_ms`,
+    which is how long a killed worker's unfinished batch can hold back read_committed readers.
+    """
+    producer = make_producer(bootstrap, topics, client_id=transactional_id, transactional_id=transactional_id,
+                             transaction_timeout_ms=transaction_timeout_ms, **overrides)
+    producer.init_transactions()
+    return producer
 
 
 def make_consumer(
@@ -105,6 +148,11 @@ def make_consumer(
         receive_message_max_bytes=max(_DEFAULT_RECEIVE_MAX_BYTES, fetch_max + 1024 * 1024),
         # Topics are created explicitly with their partition counts (ensure_topics), never implicitly.
         allow_auto_create_topics=False,
+        # Results are written in transactions: never show a reader what an aborted batch wrote.
+        isolation_level=READ_COMMITTED,
+        **RECOVERY_OPTIONS,
+        **(GROUP_OPTIONS if group_id else {}),
+        **process_security(),
     )
     config.update(overrides)
     consumer = KafkaConsumer(**config)
@@ -133,13 +181,14 @@ def read_topic(
     topics_cfg: TopicsConfig,
     timeout_s: float,
     until: Callable[[list[ConsumerRecord]], bool] | None = None,
+    **client_options: Any,
 ) -> list[ConsumerRecord]:
     """Everything on `topic` from the beginning, without a consumer group (commits nothing).
 
     Stops when `until(records)` is True or after `timeout_s`. For tests, the demo and inspection.
     """
     deadline = time.monotonic() + timeout_s
-    consumer = make_consumer(bootstrap, None, [], topics_cfg, client_id="inspection-reader")
+    consumer = make_consumer(bootstrap, None, [], topics_cfg, client_id="inspection-reader", **client_options)
     try:
         partitions = _wait_for_partitions(consumer, topic, deadline)
         consumer.assign(partitions)

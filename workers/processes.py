@@ -79,8 +79,12 @@ def spawn_worker(
     log_dir: Path,
     threads: int = 0,
     extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> WorkerProcess:
-    """Start `inspection worker <kind>` as a child process logging to `log_dir/<name>.log`."""
+    """Start `inspection worker <kind>` as a child process logging to `log_dir/<name>.log`.
+
+    `env` adds to this process' environment, e.g. `security.credentials_env(state_dir, role)`: secrets
+    reach a worker through its environment, never its command line."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = log_dir / f"{name}.log"
@@ -88,7 +92,7 @@ def spawn_worker(
         sys.executable, "-m", "workers.cli", "worker", kind, "--worker-id", name, "--metrics-port", str(port),
         "--bootstrap", bootstrap, "--redis-url", redis_url, "--threads", str(threads), *extra_args,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as log_file:
         popen = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=_REPO_ROOT, env=env)
     return WorkerProcess(name, kind, port, log_path, popen)

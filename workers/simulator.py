@@ -1,8 +1,9 @@
 """Camera simulator: publishes a folder in the MVTec AD layout as frames, at a given rate.
 
-Frames are spread over a few simulated cameras per category (the camera id is the record key, so
-cameras map to partitions and the load spreads over workers). Ground truth can ride along in a
-header for evaluation; the inference path never reads it.
+Frames are spread over a few simulated cameras per category. Each camera writes one partition (so
+its frames keep their order) and cameras are dealt to partitions in turn (`CameraPartitions`), not by
+key hash: with 4 cameras, hashing put 3 of them on one worker's partitions. Ground truth can ride
+along in a header for evaluation; the inference path never reads it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ class PublishedFrame:
     frame_id: str
     camera_id: str
     image: LabeledImage
+
+
+class CameraPartitions:
+    """Deals cameras to partitions in turn, in the order they first publish: camera k writes partition
+    k mod P. Inference consumers take partitions round-robin (partition p to worker p mod W), so with
+    P a multiple of W each worker gets every W-th camera: 4 cameras, 2 workers -> 2 cameras each.
+    A production camera gets its index from its configuration in the same way."""
+
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+        self._of: dict[str, int] = {}
+
+    def __call__(self, camera_id: str) -> int:
+        return self._of.setdefault(camera_id, len(self._of) % self.partitions)
 
 
 def frame_of(item: LabeledImage, camera_id: str, with_ground_truth: bool) -> Frame:
@@ -64,6 +79,7 @@ def publish(
 ) -> list[PublishedFrame]:
     """Publish `items` at `rate_fps` (0 = as fast as possible); returns what was sent, once acked."""
     producer = make_producer(bootstrap, topics, client_id="camera-simulator")
+    partition_of = CameraPartitions(topics.frame_partitions)
     published, futures = [], []
     interval = 1.0 / rate_fps if rate_fps > 0 else 0.0
     next_send = time.monotonic()
@@ -75,7 +91,7 @@ def publish(
             next_send += interval
             camera_id = f"{item.category}-cam{index % cameras_per_category}"
             frame = frame_of(item, camera_id, with_ground_truth)  # captured now
-            futures.append(send_record(producer, topics.frames, frame.to_record()))
+            futures.append(send_record(producer, topics.frames, frame.to_record(), partition_of(camera_id)))
             published.append(PublishedFrame(frame.frame_id, camera_id, item))
         producer.flush()
         for future in futures:

@@ -7,6 +7,16 @@ it and ignores that terminal's Ctrl-C) with a pid file and a log file under `sta
     <state_dir>/redis/       appendonlydir/ (AOF), redis.pid, redis.log
     <state_dir>/prometheus/  prometheus.yml, targets.json (file_sd), data/, prometheus.pid, prometheus.log
 
+With `StackConfig.security.enabled` (off by default) the servers authenticate every client:
+
+    <state_dir>/credentials/ <role>.json per role (workers/security.py), mode 0600, generated once
+    <state_dir>/tls/         cert.pem (the clients' CA file), keystore.pem (key + cert), with `security.tls`
+    <state_dir>/security.json  the SecurityConfig the servers were last started with
+
+Kafka's client port then takes SASL/SCRAM (SASL_PLAINTEXT, or SASL_SSL with `tls`) and authorises
+each request against the role ACLs of workers/security.py; its controller port (loopback, never
+used by clients) takes SASL/PLAIN as the admin user. Redis admits only its ACL users (`--aclfile`).
+
 `up()`, `down()` and `status()` are idempotent and may be called from different processes: the pid
 files, not Python objects, say what runs. A pid file whose process is gone (or is now some other
 program) is stale and ignored.
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +37,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +45,21 @@ from typing import Any
 
 import redis
 from kafka import KafkaAdminClient
+from kafka.admin import ACLFilter, ACLOperation, ACLPermissionType, ACLResourcePatternType, ResourcePatternFilter
+from kafka.admin import ResourceType, UserScramCredentialUpsertion
 
 from pipeline.common.local_files import cache_root, write_atomically
-from schemas.config import StackConfig, TopicsConfig
+from schemas.config import Credentials, SecurityConfig, StackConfig, TopicsConfig
+from workers import security
 from workers.kafka_io import ensure_topics
 
 log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.1"
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
+# Every user gets both mechanisms, so changing SecurityConfig.mechanism needs no new users.
+_SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+_SCRAM_ITERATIONS = 8192  # Kafka accepts 4096..16384
 
 
 class StackError(RuntimeError):
@@ -108,6 +125,7 @@ class LocalStack:
         *,
         startup_timeout_s: float = 120.0,
         stop_timeout_s: float = 30.0,
+        groups: Mapping[str, str] | None = None,
     ) -> None:
         config = config or StackConfig()
         # Absolute, so the pid files and server arguments do not depend on a later cwd.
@@ -115,12 +133,34 @@ class LocalStack:
         self.topics = topics or TopicsConfig()
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        # Consumer group per role, for the ACLs (security.default_groups() unless the workers use others).
+        self.groups = dict(groups) if groups is not None else security.default_groups()
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # started by this object, to reap
+        self._credentials: dict[str, Credentials] = {}  # role -> credentials, once up() has made them
 
     # ------------------------------------------------------------------------------ public API
     @property
     def state_dir(self) -> Path:
         return self.config.state_dir
+
+    @property
+    def auth(self) -> bool:
+        """Whether this configuration runs the servers with authentication (see `status()['auth']`)."""
+        return self.config.security.enabled
+
+    @property
+    def security_file(self) -> Path:
+        return self.state_dir / "security.json"
+
+    def credentials_file(self, role: str) -> Path:
+        """The credentials file of `role` (set $INSPECTION_CREDENTIALS_FILE to it); exists once up() ran."""
+        return security.credentials_file(self.state_dir, role)
+
+    def credentials(self, role: str) -> Credentials:
+        """`role`'s credentials of this auth-on stack, from its file."""
+        if role not in self._credentials:
+            self._credentials[role] = security.read_credentials_file(self.credentials_file(role))
+        return self._credentials[role]
 
     @property
     def prometheus_installed(self) -> bool:
@@ -147,6 +187,7 @@ class LocalStack:
         self._check_tools()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
+            self._prepare_security()
             started: list[str] = []
             try:
                 for server in self._servers():
@@ -155,7 +196,7 @@ class LocalStack:
                         started.append(server.name)
                 for server in self._servers():  # they boot in parallel; now wait for each
                     self._wait_ready(server)
-                ensure_topics(self.config.bootstrap_servers, self.topics)
+                self._provision_kafka()
             except BaseException:
                 for server in self._servers():  # leave nothing half-started behind
                     if server.name in started:
@@ -178,10 +219,23 @@ class LocalStack:
                 self._wipe()
         return {**self.status(), "stopped": stopped}
 
+    def kill(self, name: str) -> bool:
+        """SIGKILL one server (a crash, for fault tests): no shutdown, no flush. `up()` starts it again."""
+        server = next(s for s in self._servers(all_known=True) if s.name == name)
+        pid = self._live_pid(server)
+        if pid is None:
+            return False
+        _signal_group(pid, signal.SIGKILL)
+        if not self._wait_gone(pid, 10.0):
+            raise StackError(f"{name} (pid {pid}) survived SIGKILL")
+        server.pid_file.unlink(missing_ok=True)
+        return True
+
     def status(self) -> dict[str, Any]:
         """What runs where, from the pid files (does not probe the servers).
 
         `running` is True when the required servers (Kafka and Redis) run; Prometheus is optional.
+        `auth` says whether clients must authenticate (then `credentials` names each role's file).
         """
         urls = {
             "kafka": self.config.bootstrap_servers,
@@ -198,12 +252,17 @@ class LocalStack:
                 "log": str(server.logs[0]),
             }
         servers["prometheus"]["installed"] = self.prometheus_installed
+        running = all(s["running"] for name, s in servers.items() if name != "prometheus")
+        # Running servers keep the security they were started with, whatever this object's config says.
+        auth = self._security_in_use(servers).enabled
         return {
             "state_dir": str(self.state_dir),
             "bootstrap_servers": self.config.bootstrap_servers,
             "redis_url": self.config.redis_url,
             "prometheus_url": self.prometheus_url,
-            "running": all(s["running"] for name, s in servers.items() if name != "prometheus"),
+            "running": running,
+            "auth": auth,
+            "credentials": {role: str(self.credentials_file(role)) for role in security.ROLES} if auth else {},
             "servers": servers,
         }
 
@@ -213,6 +272,80 @@ class LocalStack:
 
     def unregister_metrics_target(self, name: str) -> None:
         self._edit_targets(lambda entries: _without(entries, name))
+
+    # ------------------------------------------------------------------------------ security
+    def _security_in_use(self, servers: Mapping[str, Mapping[str, Any]]) -> SecurityConfig:
+        """The recorded security of running Kafka/Redis servers; this object's config when none runs."""
+        if not any(servers[name]["running"] for name in ("kafka", "redis")):
+            return self.config.security
+        try:
+            return SecurityConfig.model_validate_json(self.security_file.read_text())
+        except FileNotFoundError:
+            return SecurityConfig()  # started before the stack knew about security: no auth
+        except ValueError as error:
+            raise StackError(f"{self.security_file} is damaged ({error}); `down` and `up` the stack again") from None
+
+    def _prepare_security(self) -> None:
+        """Refuse to mix security settings with running servers; make the credential (and TLS) files."""
+        servers = {s.name: {"running": self._live_pid(s) is not None} for s in self._servers(all_known=True)}
+        in_use = self._security_in_use(servers)
+        if in_use != self.config.security:
+            raise StackError(f"the stack in {self.state_dir} runs with security {in_use.model_dump()}, not "
+                             f"{self.config.security.model_dump()}: `down` it first, or start it as it is")
+        if self.auth:
+            sec = self.config.security
+            cafile = _ensure_tls_files(self.state_dir / "tls") if sec.tls else None
+            protocol = "SASL_SSL" if sec.tls else "SASL_PLAINTEXT"
+            self._credentials = security.ensure_credentials_files(self.state_dir, sec.mechanism, protocol, cafile)
+        write_atomically(self.security_file, (self.config.security.model_dump_json() + "\n").encode())
+
+    def _admin_options(self) -> dict[str, Any]:
+        """kafka-python options of the stack's own admin connections (empty when auth is off)."""
+        return security.kafka_client_options(self.credentials(security.ADMIN)) if self.auth else {}
+
+    def _provision_kafka(self) -> None:
+        """Topics and, with auth, the roles' SCRAM users and ACLs. Idempotent."""
+        if not self.auth:
+            ensure_topics(self.config.bootstrap_servers, self.topics)
+            return
+        admin = KafkaAdminClient(bootstrap_servers=self.config.bootstrap_servers, client_id="inspection-admin",
+                                 **self._admin_options())
+        try:
+            ensure_topics(self.config.bootstrap_servers, self.topics, **self._admin_options())
+            self._upsert_scram_users(admin)
+            self._sync_acls(admin)
+        finally:
+            admin.close()
+
+    def _upsert_scram_users(self, admin: KafkaAdminClient) -> None:
+        """Every role's user, with both SCRAM mechanisms (the admin's came with the storage format).
+
+        Done on every up(), so a credentials file that was replaced takes effect on the next start."""
+        for mechanism in _SCRAM_MECHANISMS:  # one request per mechanism: a request may alter a user once
+            upserts = [UserScramCredentialUpsertion(creds.username, mechanism, creds.password.get_secret_value(),
+                                                    iterations=_SCRAM_ITERATIONS)
+                       for role, creds in self._credentials.items() if role != security.ADMIN]
+            failed = {user: error for user, error in admin.alter_user_scram_credentials(upserts).items() if error}
+            if failed:
+                raise StackError(f"Kafka refused the {mechanism} users: {failed}")
+
+    def _sync_acls(self, admin: KafkaAdminClient) -> None:
+        """Make the broker's ACLs exactly security.kafka_acls(): add the missing, delete any other."""
+        wanted = set(security.kafka_acls(self.topics, self.groups))
+        everything = ACLFilter(principal=None, host=None, operation=ACLOperation.ANY,
+                               permission_type=ACLPermissionType.ANY,
+                               resource_pattern=ResourcePatternFilter(ResourceType.ANY, None,
+                                                                      ACLResourcePatternType.ANY))
+        existing, _ = admin.describe_acls(everything)  # raises on an error
+        stale = [acl for acl in existing if acl not in wanted]
+        if stale:
+            log.info("deleting %d ACLs that are no longer in the table", len(stale))
+            admin.delete_acls(stale)
+        missing = [acl for acl in wanted if acl not in set(existing)]
+        if missing:
+            failed = admin.create_acls(missing)["failed"]
+            if failed:
+                raise StackError(f"Kafka refused {len(failed)} ACLs: {failed}")
 
     # ------------------------------------------------------------------------------ the servers
     def _servers(self, all_known: bool = False) -> list[_Server]:
@@ -268,9 +401,11 @@ class LocalStack:
     def _kafka_command(self, home: Path) -> list[str]:
         libs = ensure_kafka_jars()
         properties = home / "server.properties"
-        properties.write_text(self._kafka_properties(home / "data"))
+        _write_private(properties, self._kafka_properties(home / "data"))  # with auth, it holds a password
         if not (home / "data" / "meta.properties").exists():
             self._format_kafka_storage(libs, properties)
+        elif self.auth:
+            self._check_admin_bootstrapped(home)
         jvm = ["-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
                "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true"]
         return [*_java(libs, home / "server.log", jvm), "kafka.Kafka", str(properties)]
@@ -295,6 +430,9 @@ class LocalStack:
             "transaction.state.log.replication.factor": "1",
             "transaction.state.log.min.isr": "1",
             "transaction.state.log.num.partitions": "4",
+            # A killed worker's open transaction is aborted within a second of its timeout (default: 10 s
+            # scan), so read_committed readers stall at most transaction_timeout_ms + 1 s.
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
@@ -307,21 +445,96 @@ class LocalStack:
             "num.network.threads": "2",
             "num.io.threads": "4",
         }
+        if self.auth:
+            settings.update(self._kafka_security_settings())
         return "".join(f"{key}={value}\n" for key, value in settings.items())
 
+    def _kafka_security_settings(self) -> dict[str, str]:
+        """SASL on both listeners, the StandardAuthorizer, and the admin as the only super user."""
+        c, sec = self.config, self.config.security
+        admin = self.credentials(security.ADMIN)
+        user, password = admin.username, admin.password.get_secret_value()
+        name = "SASL_SSL" if sec.tls else "SASL_PLAINTEXT"  # the clients' listener, named after its protocol
+        # The broker's JAAS entries: the password is what it logs in with to itself (inter-broker and
+        # controller connections); user_<name> is the controller's static PLAIN user list.
+        scram = (f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{user}" '
+                 f'password="{password}";')
+        plain = (f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{user}" '
+                 f'password="{password}" user_{user}="{password}";')
+        settings = {
+            "listeners": f"{name}://{c.host}:{c.kafka_port},CONTROLLER://{c.host}:{c.kafka_controller_port}",
+            "advertised.listeners": f"{name}://{c.host}:{c.kafka_port}",
+            "inter.broker.listener.name": name,
+            "listener.security.protocol.map": f"{name}:{name},CONTROLLER:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": ",".join(_SCRAM_MECHANISMS),
+            "sasl.mechanism.inter.broker.protocol": sec.mechanism,
+            **{f"listener.name.{name.lower()}.{m.lower()}.sasl.jaas.config": scram for m in _SCRAM_MECHANISMS},
+            # SCRAM users live in the metadata log, which the controller serves: it cannot depend on
+            # them itself. PLAIN, not an anonymous PLAINTEXT port: a PLAINTEXT controller listener
+            # would need User:ANONYMOUS as a super user, and admin clients may talk to controllers
+            # directly (KIP-919), so anyone on the machine could create ACLs there.
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": plain,
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{user}",
+            "allow.everyone.if.no.acl.found": "false",  # the default, stated: no ACL means no access
+        }
+        if sec.tls:
+            tls = self.state_dir / "tls"
+            settings |= {"ssl.keystore.type": "PEM", "ssl.keystore.location": str(tls / "keystore.pem"),
+                         "ssl.truststore.type": "PEM", "ssl.truststore.location": str(tls / "cert.pem")}
+        return settings
+
     def _format_kafka_storage(self, libs: Path, properties: Path) -> None:
-        """Format the KRaft metadata log once, with a fresh cluster id."""
+        """Format the KRaft metadata log once, with a fresh cluster id (and, with auth, the admin user)."""
         # Its own log file, so the broker's log tail quoted on errors is the broker's alone.
         java = _java(libs, properties.parent / "format.log")
-        command = [*java, "kafka.tools.StorageTool", "format", "-t", _kafka_cluster_id(), "-c", str(properties)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        arguments = ["kafka.tools.StorageTool", "format", "-t", _kafka_cluster_id(), "-c", str(properties)]
+        argfile = properties.parent / "format.args"
+        if self.auth:
+            # The broker can only authenticate its first user if that user exists before it starts.
+            admin = self.credentials(security.ADMIN)
+            secret = admin.password.get_secret_value()
+            for mechanism in _SCRAM_MECHANISMS:
+                arguments += ["--add-scram", f"{mechanism}=[name={admin.username},password={secret},"
+                                             f"iterations={_SCRAM_ITERATIONS}]"]
+            # Not on the command line (/proc/<pid>/cmdline is world-readable): java reads the main
+            # class and its arguments from an @argfile, which only we can read.
+            _write_private(argfile, "".join(_argfile_quoted(a) + "\n" for a in arguments))
+            command = [*java, f"@{argfile}"]
+        else:
+            command = [*java, *arguments]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        finally:
+            argfile.unlink(missing_ok=True)
         if done.returncode != 0:
             raise StackError(f"formatting Kafka storage failed:\n{_last_lines(done.stdout + done.stderr)}")
+        if self.auth:
+            (properties.parent / "admin-scram").write_text(_admin_fingerprint(self.credentials(security.ADMIN)))
+
+    def _check_admin_bootstrapped(self, home: Path) -> None:
+        """Existing Kafka data must know the admin user: its SCRAM credential is made only at format time."""
+        marker = home / "admin-scram"
+        if not marker.exists():
+            raise StackError(f"Kafka's data in {home} was formatted without auth, so it has no admin user: "
+                             "`down --wipe` the stack (its data is lost) or use another state_dir")
+        if marker.read_text() != _admin_fingerprint(self.credentials(security.ADMIN)):
+            raise StackError(f"{self.credentials_file(security.ADMIN)} is not the admin credential Kafka's data "
+                             f"in {home} was formatted with: restore it, or `down --wipe` the stack")
 
     def _redis_command(self, home: Path) -> list[str]:
         c = self.config
-        return ["redis-server", "--port", str(c.redis_port), "--bind", c.host, "--dir", str(home),
-                "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--protected-mode", "yes"]
+        command = ["redis-server", "--port", str(c.redis_port), "--bind", c.host, "--dir", str(home),
+                   "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--protected-mode", "yes"]
+        if self.auth:
+            # An ACL file rather than ACL SETUSER after start: no moment in which the default user is open.
+            acl_file = home / "users.acl"
+            roles = {role: self.credentials(role) for role in security.redis_acl_rules()}
+            _write_private(acl_file, security.redis_acl_file(roles))
+            command += ["--aclfile", str(acl_file)]
+        return command
 
     def _prometheus_command(self, home: Path) -> list[str]:
         if not self.targets_file.exists():
@@ -346,7 +559,7 @@ class LocalStack:
         try:
             admin = KafkaAdminClient(bootstrap_servers=self.config.bootstrap_servers,
                                      client_id="inspection-stack", request_timeout_ms=5000,
-                                     bootstrap_timeout_ms=5000)
+                                     bootstrap_timeout_ms=5000, **self._admin_options())
         except Exception:
             return False
         try:
@@ -358,8 +571,9 @@ class LocalStack:
             admin.close()
 
     def _redis_ready(self) -> bool:
+        admin = security.redis_client_options(self.credentials(security.ADMIN)) if self.auth else {}
         client = redis.Redis(host=self.config.host, port=self.config.redis_port,
-                             socket_connect_timeout=1, socket_timeout=1)
+                             socket_connect_timeout=1, socket_timeout=1, **admin)
         try:
             return bool(client.ping())
         except redis.RedisError:
@@ -381,6 +595,8 @@ class LocalStack:
                              "(apt-get install openjdk-17-jre-headless)")
         if shutil.which("redis-server") is None:
             raise StackError("`redis-server` not found: apt-get install redis-server")
+        if self.auth and self.config.security.tls and shutil.which("openssl") is None:
+            raise StackError("`openssl` not found: it makes the broker's TLS certificate (apt-get install openssl)")
         if not self.prometheus_installed:
             log.info("prometheus not installed: metrics are not scraped (apt-get install prometheus)")
 
@@ -481,8 +697,9 @@ class LocalStack:
             yield
 
     def _wipe(self) -> None:
-        for name in ("kafka", "redis", "prometheus"):
+        for name in ("kafka", "redis", "prometheus", "credentials", "tls"):
             shutil.rmtree(self.state_dir / name, ignore_errors=True)
+        self.security_file.unlink(missing_ok=True)
         (self.state_dir / ".lock").unlink(missing_ok=True)
         try:
             self.state_dir.rmdir()  # only if nothing else lives there
@@ -503,6 +720,50 @@ class LocalStack:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, from its first byte on."""
+    path.unlink(missing_ok=True)  # an older copy would keep its mode
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
+def _argfile_quoted(argument: str) -> str:
+    """One argument of a java @argfile: quoted, with backslashes and quotes escaped."""
+    return '"' + argument.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _admin_fingerprint(admin: Credentials) -> str:
+    """A digest of the admin's user and password, to notice a replaced credentials file (not a secret)."""
+    secret = f"{admin.username}\0{admin.password.get_secret_value()}".encode()
+    return hashlib.sha256(b"inspection-admin-scram\0" + secret).hexdigest() + "\n"
+
+
+def _ensure_tls_files(folder: Path) -> Path:
+    """A self-signed certificate for the loopback broker (made once); returns the clients' CA file.
+
+    The certificate names 127.0.0.1 and localhost, so clients verify the broker's identity as well as
+    the chain; keystore.pem (key + certificate, unencrypted PKCS#8) is readable by its owner only."""
+    cert, keystore = folder / "cert.pem", folder / "keystore.pem"
+    if cert.exists() and keystore.exists():
+        return cert
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = folder / "key.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+               "-days", "3650", "-subj", "/CN=inspection-local-kafka",
+               "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+               "-addext", "basicConstraints=critical,CA:TRUE",
+               "-addext", "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise StackError(f"openssl could not make the broker's certificate:\n{_last_lines(done.stderr)}")
+    descriptor = os.open(keystore, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(key.read_text() + cert.read_text())
+    key.unlink()
+    return cert
+
+
 def _target(name: str, host_port: str) -> dict[str, Any]:
     return {"targets": [host_port], "labels": {"worker": name}}
 

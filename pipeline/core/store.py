@@ -56,8 +56,9 @@ class KnowledgeStore:
         self.updates_channel = f"{namespace}:updates"
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "kpk") -> "KnowledgeStore":
-        return cls(redis.Redis.from_url(url), namespace)
+    def from_url(cls, url: str, namespace: str = "kpk", **client_options) -> "KnowledgeStore":
+        """`client_options`: redis-py keywords, e.g. the username and password of an ACL user."""
+        return cls(redis.Redis.from_url(url, **client_options), namespace)
 
     def _blob_key(self, digest: str) -> str:
         return f"{self.namespace}:blob:{digest}"
