@@ -316,7 +316,8 @@ class InspectionResult(_Message):
     worker_id: str
     category: str | None = Field(description="Predicted task; None when the frame matches no known task.")
     task_confidence: float = Field(description="Relative margin between the best and second-best task.")
-    task_distance: float
+    task_distance: float | None = Field(description="Distance to the nearest task's keys; None when no task is "
+                                        "known (JSON has no infinity).")
     expert: str | None = None
     score_raw: float | None = None
     score: float | None = Field(

@@ -70,9 +70,7 @@ def test_killing_the_supervisor_kills_its_worker(tmp_path: Path) -> None:
         open({str(pid_file)!r}, "w").write(str(os.getpid()))
         time.sleep(60)
     """)
-    parent = subprocess.Popen([sys.executable, "-c",
-                               f"from workers.liveness import supervise; supervise({child!r})"],
-                              cwd=Path(__file__).resolve().parents[1])
+    parent = _supervisor(child)
     try:
         wait_until(pid_file.exists, 20, what="the child to start")
         wait_until(lambda: pid_file.read_text() != "", 5)
@@ -92,9 +90,7 @@ def test_sigterm_is_forwarded_and_not_restarted(tmp_path: Path) -> None:
         open({str(started)!r}, "a").write("x")
         time.sleep(60)
     """)
-    parent = subprocess.Popen([sys.executable, "-c",
-                               f"from workers.liveness import supervise; import sys; sys.exit(supervise({child!r}))"],
-                              cwd=Path(__file__).resolve().parents[1])
+    parent = _supervisor(child)
     try:
         wait_until(started.exists, 20, what="the child to start")
         parent.send_signal(signal.SIGTERM)
@@ -102,6 +98,12 @@ def test_sigterm_is_forwarded_and_not_restarted(tmp_path: Path) -> None:
         assert started.read_text() == "x"  # started once
     finally:
         parent.kill()
+
+
+def _supervisor(child: list[str]) -> subprocess.Popen:
+    """`supervise(child)` in a process of its own, exiting with the child's last code."""
+    code = f"import sys; from workers.liveness import supervise; sys.exit(supervise({child!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
 
 
 def _alive(pid: int) -> bool:

@@ -302,11 +302,7 @@ def test_rollback_serves_an_earlier_task_version_byte_identical(line: Line):
 def test_worker_sigkill_mid_stream_gives_exactly_one_result_per_frame(line: Line):
     frames = _numbered_frames(line, "kill", 48)
     victim = line.inference[0]
-    produced_before = victim.metric("inspection_results_out_total") or 0
-    publisher = threading.Thread(target=_publish_slowly, args=(line, frames, 8.0))
-    publisher.start()
-    wait_until(lambda: (victim.metric("inspection_results_out_total") or 0) >= produced_before + 3, 120,
-               what="the worker to start producing results")
+    publisher = _stream_until_results(line, frames, 8.0, victim)
     victim.kill()  # SIGKILL: its open transaction is aborted by the broker after its timeout
     replacement = line.spawn_inference("infer-b")
     line.inference.remove(victim)
@@ -318,18 +314,18 @@ def test_worker_sigkill_mid_stream_gives_exactly_one_result_per_frame(line: Line
 
 
 def test_broker_sigkill_and_restart_mid_stream_gives_exactly_one_result_per_frame(line: Line):
-    frames = _numbered_frames(line, "broker", 40)
+    frames = _numbered_frames(line, "broker", 48)
+    before, after = frames[:40], frames[40:]  # `after` is sent once the broker is back: there is work then
     worker = line.inference[0]
-    produced_before = worker.metric("inspection_results_out_total") or 0
-    publisher = threading.Thread(target=_publish_slowly, args=(line, frames, 4.0))
-    publisher.start()
-    wait_until(lambda: (worker.metric("inspection_results_out_total") or 0) >= produced_before + 3, 120,
-               what="results before the broker goes down")
+    publisher = _stream_until_results(line, before, 4.0, worker)
     assert line.stack.kill("kafka")
     time.sleep(3)
     line.stack.up()  # returns once the broker answers again
+    late = threading.Thread(target=_publish_slowly, args=(line, after, 8.0))
+    late.start()
     resumed_after = seconds_to_next_result(line.bootstrap, line.topics, 60)
     publisher.join()
+    late.join()
     results, duplicates = collect_results(line.bootstrap, line.topics, [f.frame_id for f in frames], 180)
     missing = sorted({f.frame_id for f in frames} - set(results))
     assert not missing, f"lost frames {missing}; worker log:\n{worker.log_tail()}"
@@ -442,6 +438,16 @@ def _series(worker: WorkerProcess, name: str) -> int:
     except OSError:
         return 0
     return sum(1 for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
+
+
+def _stream_until_results(line: Line, frames: list[Frame], rate: float, worker: WorkerProcess) -> threading.Thread:
+    """Start publishing `frames` at `rate` in the background; return once `worker` has produced 3 results."""
+    produced_before = worker.metric("inspection_results_out_total") or 0
+    publisher = threading.Thread(target=_publish_slowly, args=(line, frames, rate))
+    publisher.start()
+    wait_until(lambda: (worker.metric("inspection_results_out_total") or 0) >= produced_before + 3, 120,
+               what=f"{worker.name} to produce results")
+    return publisher
 
 
 def _publish_slowly(line: Line, frames: list[Frame], rate: float) -> None:

@@ -13,8 +13,11 @@ Workers in one consumer group share the frames topic's partitions.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
@@ -95,10 +98,15 @@ class InferenceWorker:
             partition_assignment_strategy=[RoundRobinPartitionAssignor], **client_options,
         )
         self.consumer.subscribe([topics.frames], listener=self.rebalances)
+        self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transaction")
         self.producer: KafkaProducer = self._new_producer()
         self.watchdog = PollWatchdog(metrics, config.stuck_after_s)
         self._next_store_check = 0.0
         self._next_lag_check = 0.0
+        # No frame is taken before the store was read once: a worker started while Redis is down would
+        # otherwise answer every frame "unknown" (no task loaded), silently.
+        self._store_read = False
+        self._store_failing = False
 
     @property
     def transactional(self) -> bool:
@@ -118,6 +126,9 @@ class InferenceWorker:
         try:
             while not stop.is_set():
                 self._follow_store()
+                if not self._store_read:
+                    self._wait_for_store()
+                    continue
                 rebalances = self.rebalances.count
                 records = self._poll_batch()
                 if records and rebalances != self.rebalances.count:
@@ -132,6 +143,7 @@ class InferenceWorker:
             self.watchdog.stop()
             self.consumer.close()
             self.producer.close()
+            self._steps.shutdown(wait=False)
 
     def _follow_store(self) -> None:
         now = time.monotonic()
@@ -142,10 +154,21 @@ class InferenceWorker:
             if self.store.version() != self.inspector.store_version:
                 changed = self.inspector.sync(self.store)
                 log.info("store version %d, reloaded %s", self.inspector.store_version, changed or "nothing")
+            if self._store_failing:
+                log.info("store readable again (version %d)", self.inspector.store_version)
+            self._store_read, self._store_failing = True, False
         except Exception:  # a store hiccup must not stop inference with the tasks already loaded
-            log.exception("store sync failed; serving store version %d", self.inspector.store_version)
+            if not self._store_failing:  # once per outage, not twice a second
+                log.exception("store sync failed; serving store version %d until it answers",
+                              self.inspector.store_version)
+            self._store_failing = True
         self.metrics.tasks_known.set(len(self.inspector.tasks))
         self.metrics.store_version.set(self.inspector.store_version)
+
+    def _wait_for_store(self) -> None:
+        """Not polling while the store is unreadable at start: alive (the watchdog is told), not consuming."""
+        self.watchdog.beat()
+        time.sleep(self.config.store_poll_interval_s)
 
     def _poll_batch(self) -> list:
         """Up to max_batch_size records; once the first arrives, wait at most max_wait_ms for more."""
@@ -213,7 +236,13 @@ class InferenceWorker:
             return [r for d in decoded for r in self._inspect([d], records, outgoing)]
         for stage in ("features", "task_id", "expert"):
             self.metrics.stage_seconds.labels(stage).observe(getattr(timings, f"{stage}_ms") / 1000)
-        return [self._result(d, inspection, timings) for d, inspection in zip(decoded, inspections)]
+        results = []
+        for item, inspection in zip(decoded, inspections):
+            try:
+                results.append(self._result(item, inspection, timings))
+            except Exception as exc:  # a result that cannot be encoded is one frame's error, not the batch's
+                outgoing.append((self.topics.dead_letter, self._dead_letter_frame(item, records, exc).to_record()))
+        return results
 
     def _result(self, item: _Decoded, inspection: Inspection, timings: BatchTimings) -> InspectionResult:
         started = time.perf_counter()
@@ -235,7 +264,7 @@ class InferenceWorker:
             worker_id=self.worker_id,
             category=inspection.match.category,
             task_confidence=inspection.match.margin,
-            task_distance=inspection.match.distance,
+            task_distance=inspection.match.distance if math.isfinite(inspection.match.distance) else None,
             expert=inspection.expert,
             score_raw=inspection.score_raw,
             score=inspection.score,
@@ -259,30 +288,55 @@ class InferenceWorker:
 
     # ------------------------------------------------------------------------------ delivery
     def _deliver_in_transaction(self, outgoing: list[tuple[str, Record]], records: list) -> None:
-        """Results, dead letters and the batch's offsets become visible together, or not at all."""
+        """Results, dead letters and the batch's offsets become visible together, or not at all.
+
+        kafka-python waits for a transaction's steps without a timeout; a broker that died mid-commit
+        left a worker blocked for over a minute after the broker was back. Each step therefore runs on
+        the producer's own thread, bounded; one that overruns is given up with its producer, and a new
+        producer in the same slot fences the old one and aborts its transaction."""
         try:
-            self.producer.begin_transaction()
+            self._bounded(self.producer.begin_transaction)
             for topic, record in outgoing:
                 send_record(self.producer, topic, record)
-            self.producer.send_offsets_to_transaction(_next_offsets(records), self.consumer.group_metadata())
-            self.producer.commit_transaction()
+            offsets, group = _next_offsets(records), self.consumer.group_metadata()
+            self._bounded(lambda: self.producer.send_offsets_to_transaction(offsets, group))
+            self._bounded(self.producer.commit_transaction)
             self.metrics.transactions.labels("committed").inc()
         except ProducerFencedError:
             raise  # another instance owns this slot now: this one must stop (its supervisor says so)
-        except KafkaError as exc:
+        except (KafkaError, FutureTimeout) as exc:
             log.warning("transaction of a batch of %d failed (%s: %s); aborted, its frames come again",
                         len(records), type(exc).__name__, exc)
             self.metrics.transactions.labels("aborted").inc()
-            self._abort()
+            self._abort(timed_out=isinstance(exc, FutureTimeout))
             self._rewind(records)
 
-    def _abort(self) -> None:
-        try:
-            self.producer.abort_transaction()
-        except KafkaError as exc:  # a fatal producer state: start a fresh producer in the same slot
-            log.warning("abort failed (%s); starting a new producer for slot %s", exc, self.worker_id)
-            self.producer.close(timeout=5)
-            self.producer = self._new_producer()
+    def _bounded(self, step):
+        """Run one transaction step, waiting at most the transaction timeout plus 5 s."""
+        return self._steps.submit(step).result(timeout=self.config.transaction_timeout_ms / 1000 + 5)
+
+    def _abort(self, timed_out: bool) -> None:
+        if not timed_out:
+            try:
+                self._bounded(self.producer.abort_transaction)
+                return
+            except (KafkaError, FutureTimeout) as exc:
+                log.warning("abort failed (%s: %s)", type(exc).__name__, exc)
+        self._replace_producer()
+
+    def _replace_producer(self) -> None:
+        """A fresh producer in the same slot: its init fences the old one and aborts its transaction."""
+        log.warning("starting a new producer for slot %s", self.worker_id)
+        stuck, self.producer = self.producer, None
+        self._steps.shutdown(wait=False)  # its thread may stay blocked on the old producer; let it go
+        self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transaction")
+        threading.Thread(target=lambda: stuck.close(timeout=5), daemon=True).start()
+        while self.producer is None:
+            try:
+                self.producer = self._new_producer()
+            except KafkaError as exc:  # broker still away: try again (the watchdog bounds how long)
+                log.warning("new producer not ready (%s); retrying", exc)
+                time.sleep(1)
 
     def _rewind(self, records: list) -> None:
         """Read the batch again: the consumer's position moved past it, the committed offset did not."""

@@ -121,8 +121,10 @@ def make_transactional_producer(
     fences it, should it come back); otherwise the broker aborts it after `transaction_timeout_ms`,
     which is how long a killed worker's unfinished batch can hold back read_committed readers.
     """
+    # send() and init wait at most 10 s for a broker (then fail, and the batch is redone), not 60 s.
+    options = {"max_block_ms": 10_000, **overrides}
     producer = make_producer(bootstrap, topics, client_id=transactional_id, transactional_id=transactional_id,
-                             transaction_timeout_ms=transaction_timeout_ms, **overrides)
+                             transaction_timeout_ms=transaction_timeout_ms, **options)
     producer.init_transactions()
     return producer
 
