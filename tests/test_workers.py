@@ -373,9 +373,14 @@ def test_metrics_reach_prometheus(line: Line):
         return float(data[0]["value"][1]) if data else 0.0
 
     wait_until(lambda: value() > 0, 60, interval_s=1, what="Prometheus to scrape a worker")
-    stages = urllib.parse.urlencode({"query": "count(inspection_stage_seconds_bucket)"})
-    with urllib.request.urlopen(f"{line.stack.prometheus_url}/api/v1/query?{stages}", timeout=5) as response:
-        assert json.load(response)["data"]["result"], "stage histograms not scraped"
+    for query in ("count(inspection_stage_seconds_bucket)",
+                  'sum(inspection_labelled_frames_total{category="brick"})',  # the test frames carry truth
+                  'inspection_false_alarm_target_ratio{category="brick"}',
+                  'count(inspection_calibrated_score_bucket{category="brick"})',
+                  "inspection_last_poll_timestamp_seconds"):
+        encoded = urllib.parse.urlencode({"query": query})
+        with urllib.request.urlopen(f"{line.stack.prometheus_url}/api/v1/query?{encoded}", timeout=5) as response:
+            assert json.load(response)["data"]["result"], f"{query} not scraped"
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -164,6 +164,8 @@ class InferenceWorker:
             self._store_failing = True
         self.metrics.tasks_known.set(len(self.inspector.tasks))
         self.metrics.store_version.set(self.inspector.store_version)
+        self.metrics.set_false_alarm_targets(
+            {name: task.artifacts.calibration.false_alarm_rate for name, task in self.inspector.tasks.items()})
 
     def _wait_for_store(self) -> None:
         """Not polling while the store is unreadable at start: alive (the watchdog is told), not consuming."""
@@ -256,7 +258,7 @@ class InferenceWorker:
         decision = _decision(inspection)
         end_to_end = (utc_now() - item.frame.captured_at).total_seconds()
         self.metrics.end_to_end_seconds.observe(max(0.0, end_to_end))
-        self.metrics.results_out.labels(inspection.match.category or "unknown", decision.value).inc()
+        self._count(item.frame, inspection, decision)
         return InspectionResult(
             frame_id=item.frame.frame_id,
             camera_id=item.frame.camera_id,
@@ -285,6 +287,18 @@ class InferenceWorker:
             task_version=inspection.task_version,
             ground_truth=item.frame.ground_truth,
         )
+
+    def _count(self, frame: Frame, inspection: Inspection, decision: Decision) -> None:
+        """Results by decision; the calibrated score (drift); labelled frames by truth x decision, so live
+        recall and false-alarm rate can be plotted where evaluation frames carry ground truth."""
+        category = inspection.match.category or "unknown"
+        self.metrics.results_out.labels(category, decision.value).inc()
+        if inspection.score is not None:
+            self.metrics.calibrated_score.labels(category).observe(inspection.score)
+        truth = frame.ground_truth
+        if truth is not None:
+            self.metrics.labelled_frames.labels(
+                truth.category, "anomalous" if truth.is_anomalous else "normal", decision.value).inc()
 
     # ------------------------------------------------------------------------------ delivery
     def _deliver_in_transaction(self, outgoing: list[tuple[str, Record]], records: list) -> None:

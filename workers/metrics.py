@@ -48,10 +48,29 @@ class InferenceMetrics(ConsumerMetrics):
             "inspection_consumer_lag", "Frames not yet consumed (end offset - position), per assigned partition",
             ["partition"], registry=registry,
         )
+        # Drift and live quality, per product (bounded labels: categories, two truths, three decisions).
+        self.calibrated_score = Histogram(
+            "inspection_calibrated_score", "Calibrated image score per predicted category (1 = the threshold)",
+            ["category"], buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5, 10), registry=registry,
+        )
+        self.labelled_frames = Counter(
+            "inspection_labelled_frames_total", "Frames carrying ground truth (evaluation / QA), by true category, "
+            "truth (normal|anomalous) and decision", ["category", "truth", "decision"], registry=registry,
+        )
+        self.false_alarm_target = Gauge(
+            "inspection_false_alarm_target_ratio", "False-alarm rate each task's threshold was calibrated for",
+            ["category"], registry=registry,
+        )
         self.transactions = Counter(
             "inspection_transactions_total", "Result transactions, by outcome (committed, aborted)", ["outcome"],
             registry=registry,
         )
+
+    def set_false_alarm_targets(self, targets: dict[str, float]) -> None:
+        """Exactly the tasks served now (a removed task's series goes)."""
+        self.false_alarm_target.clear()
+        for category, target in targets.items():
+            self.false_alarm_target.labels(category).set(target)
 
     def set_lag(self, lag: dict[int, int]) -> None:
         """Lag of exactly the partitions assigned now: a revoked partition's series is removed, so the sum

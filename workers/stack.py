@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.1"
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
+ALERT_RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
 # Every user gets both mechanisms, so changing SecurityConfig.mechanism needs no new users.
 _SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 _SCRAM_ITERATIONS = 8192  # Kafka accepts 4096..16384
@@ -548,6 +549,7 @@ class LocalStack:
     def _prometheus_config(self) -> str:
         return (
             "global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\n"
+            f"rule_files: [{json.dumps(str(ALERT_RULES))}]\n"
             "scrape_configs:\n  - job_name: inspection\n    file_sd_configs:\n"
             f"      - files: [{json.dumps(str(self.targets_file))}]\n        refresh_interval: 2s\n"
         )
