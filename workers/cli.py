@@ -112,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     delivery.add_argument("--json", type=Path, default=None)
     delivery.set_defaults(handler=_bench_delivery)
 
+    boards = commands.add_parser("dashboards", help="write the Grafana dashboards (grafana-foundation-sdk) as JSON")
+    boards.add_argument("--out", type=Path, default=None, help="default: deploy/grafana/dashboards")
+    boards.set_defaults(handler=_dashboards)
+
     continual = commands.add_parser("continual", help="continual benchmark: tasks learnt in sequence, task inferred per frame")
     continual.add_argument("--root", type=Path, default=Path("../shared/datasets"))
     continual.add_argument("--category", action="append", default=None, help="default: every category under --root")
@@ -321,6 +325,13 @@ def _bench_delivery(args: argparse.Namespace) -> int:
     print(markdown_table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+def _dashboards(args: argparse.Namespace) -> int:
+    from workers.dashboards import OUT_DIR, write_all
+
+    print(json.dumps({"written": [str(p) for p in write_all(args.out or OUT_DIR)]}, indent=2))
     return 0
 
 

@@ -23,7 +23,9 @@ from schemas.messages import AddCategory, Decision, InspectionResult
 from workers.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes
 from workers.processes import WorkerProcess, spawn_worker, wait_for_store_version
 from workers.simulator import dataset_stream, publish
-from workers.stack import LocalStack
+from workers.stack import ALERT_RULES, LocalStack
+
+DASHBOARDS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
 
 log = logging.getLogger(__name__)
 DEFAULT_CATEGORIES = ("magnetic_tile", "ball_screw")
@@ -188,6 +190,8 @@ def _print_report(report: dict) -> None:
         ),
         f"metrics: Prometheus {report['metrics_urls']['prometheus'] or '(not installed)'}; workers "
         + ", ".join(report["workers"].values()),
+        f"dashboards: {DASHBOARDS_DIR}/*.json (provisioned by {DASHBOARDS_DIR.parent / 'provisioning'}); "
+        f"alert rules: {ALERT_RULES} (loaded by the Prometheus above)",
     ]
     print("\n".join(rows), flush=True)
 

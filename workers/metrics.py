@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 STAGES = ("decode", "features", "task_id", "expert", "encode")
 # Up to 30 minutes: a backlog after an outage makes end-to-end latency minutes long, and a quantile
@@ -16,6 +16,7 @@ class ConsumerMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
+        ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self.last_poll = Gauge(
             "inspection_last_poll_timestamp_seconds", "Unix time the consumer's last poll returned (liveness)",
             registry=registry,
