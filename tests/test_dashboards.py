@@ -9,6 +9,7 @@ to the real Prometheus HTTP API. Each must return data, and the key panels the r
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -27,6 +28,7 @@ from workers.simulator import frame_of
 from workers.stack import LocalStack
 
 PROVISIONING = OUT_DIR.parent / "provisioning"
+SCRAPE_INTERVAL_S = 2  # the local stack's Prometheus (workers/stack.py)
 
 
 @pytest.mark.parametrize("board", BOARDS, ids=lambda b: b.uid)
@@ -64,12 +66,13 @@ def small_line(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
     if stack.prometheus_url is None:
         pytest.skip("prometheus is not installed")
     data = tmp_path_factory.mktemp("dashboard-data")
-    write_synthetic_category(data, "brick", "brick", n_train=16, n_test_good=6, n_test_defect=6, size=160)
+    write_synthetic_category(data, "brick", "brick", n_train=24, n_test_good=6, n_test_defect=6, size=160)
     redis_url = stack.config.redis_url.rsplit("/", 1)[0] + "/2"
     redis.Redis.from_url(redis_url).flushdb()
     bootstrap, logs = stack.config.bootstrap_servers, stack.state_dir / "dashboard-logs"
     workers = [spawn_worker("control", "dash-control", bootstrap, redis_url, logs, threads=1),
-               spawn_worker("infer", "dash-infer", bootstrap, redis_url, logs, threads=1)]
+               spawn_worker("infer", "dash-infer", bootstrap, redis_url, logs, threads=1),
+               spawn_worker("monitor", "dash-monitor", bootstrap, redis_url, logs, threads=1)]
     for worker in workers:
         stack.register_metrics_target(worker.name, f"127.0.0.1:{worker.metrics_port}")
     try:
@@ -77,7 +80,7 @@ def small_line(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
         outcome = wait_for_outcomes(bootstrap, stack.topics, send_commands(bootstrap, stack.topics, [command]),
                                     300)[command.command_id]
         assert outcome.kind == EventKind.FINISHED, outcome.message
-        wait_for_store_version(workers[1:], outcome.store_version)
+        wait_for_store_version(workers[1:], outcome.store_version)  # inference and the monitor
         frames = [frame_of(item, "dash-cam", with_ground_truth=True) for item in labeled_test_images(data, "brick")]
         corrupt = Frame(camera_id="dash-cam", content_type="image/png", image=b"\x89PNG\r\n\x1a\n broken")
         producer = make_producer(bootstrap, stack.topics, client_id="dash-camera")
@@ -94,6 +97,7 @@ def small_line(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
         # At least ours: records other tests left on the frames topic may be dead-lettered too.
         wait_until(lambda: (_value(stack, 'sum(inspection_errors_total{worker="dash-infer"})') or 0) >= 1, 30,
                    interval_s=1, what="the dead letter to be scraped")
+        time.sleep(3 * SCRAPE_INTERVAL_S)  # rate() needs two samples of a series in its window, not one
         yield stack, len(frames)
     finally:
         for worker in workers:
@@ -116,6 +120,9 @@ def test_key_panels_show_the_right_numbers(small_line) -> None:
     assert sum(float(r["value"][1]) for r in by_decision) == frames  # decisions add up to the frames sent
     assert {r["metric"]["category"] for r in by_decision} == {"brick"}
     assert _value(stack, 'max(inspection_tasks_known{worker="dash-infer"})') == 1  # the one category added
+    # The monitor scored the task's audit set once, on the version published, and nothing is forgotten.
+    assert _value(stack, 'max(inspection_forgetting{worker="dash-monitor", category="brick"})') == 0.0
+    assert _value(stack, 'max(inspection_audit_task_version{worker="dash-monitor", category="brick"})') >= 1
     labelled = _value(stack, 'sum(inspection_labelled_frames_total{worker="dash-infer"})')
     assert labelled == frames  # every test frame carried ground truth
     assert (_value(stack, 'sum(inspection_errors_total{worker="dash-infer", reason="corrupt_image"})') or 0) \

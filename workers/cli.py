@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     stack.set_defaults(handler=_stack)
 
     worker = commands.add_parser("worker", help="run an inference or control worker until SIGTERM")
-    worker.add_argument("kind", choices=["infer", "control"])
+    worker.add_argument("kind", choices=["infer", "control", "monitor"])
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--metrics-port", type=int, default=0, help="0 = any free port")
     worker.add_argument("--max-batch-size", type=int, default=InferenceConfig().max_batch_size)
@@ -219,6 +219,12 @@ def _worker(args: argparse.Namespace) -> int:
                                  metrics_port=args.metrics_port, delivery=args.delivery)
         worker = InferenceWorker(args.bootstrap, topics, config, Inspector(backbones, ModelConfig()), store,
                                  InferenceMetrics(registry), worker_id)
+    elif args.kind == "monitor":
+        from pipeline.core.inspector import Inspector
+        from workers.metrics import MonitorMetrics
+        from workers.monitor import MonitorWorker
+
+        worker = MonitorWorker(Inspector(backbones, ModelConfig()), store, MonitorMetrics(registry), worker_id)
     else:
         from workers.control import ControlWorker
 

@@ -94,9 +94,22 @@ LINE = Board(
 )
 
 MODELS = Board(
-    uid="inspection-models", title="Inspection: models and tasks",
-    description="Tasks in the store, their calibration, score drift and training.",
+    uid="inspection-models", title="Inspection: models and forgetting",
+    description="Per task: audit quality through the live path and forgetting, calibration, drift, training.",
     rows=(
+        ("Forgetting and audit quality (monitor)", (
+            Panel("Forgetting (best earlier - current, since the task's own last change)",
+                  ((f"max by (category, metric) (inspection_forgetting{{{CATEGORY}}})", "{{category}} {{metric}}"),),
+                  description="0 = nothing forgotten. Alert above 0.005."),
+            Panel("Audit quality: AUROC, task-ID accuracy, recall, false-alarm rate",
+                  ((f"max by (category, metric) (inspection_audit_value{{{CATEGORY}}})", "{{category}} {{metric}}"),),
+                  "percentunit", description="Each task's audit set (never trained on) scored after every store change."),
+            Panel("Audit task version", ((f"max by (category) (inspection_audit_task_version{{{CATEGORY}}})",
+                                          "{{category}}"),)),
+            Panel("Audit cost", (("max(inspection_audit_pass_seconds_sum / inspection_audit_pass_seconds_count)",
+                                  "mean seconds per pass"),
+                                 ("sum by (stage) (inspection_audit_frames_total)", "frames through {{stage}}"))),
+        )),
         ("Tasks", (
             Panel("Tasks known", (("max(inspection_tasks_known)", "tasks"),), kind="stat"),
             Panel("Store version served", (("min by (worker) (inspection_store_version)", "{{worker}}"),)),

@@ -102,3 +102,42 @@ def serve(registry: CollectorRegistry, host: str, port: int) -> int:
     """Expose the registry on http://host:port/metrics in a daemon thread; returns the bound port."""
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server.server_port
+
+
+class MonitorMetrics:
+    """The forgetting monitor's view of every task's audit set (pipeline/core/audit.py)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        ProcessCollector(registry=registry)
+        self.audit_value = Gauge(
+            "inspection_audit_value", "A task's quality on its audit set through the live path, by metric "
+            "(image_auroc, pixel_auroc, task_id_accuracy, false_alarm_rate, recall)", ["category", "metric"],
+            registry=registry,
+        )
+        self.forgetting = Gauge(
+            "inspection_forgetting", "Best earlier audit value minus the current one, since the task's own last "
+            "change (for false_alarm_rate: current minus best); 0 = nothing forgotten", ["category", "metric"],
+            registry=registry,
+        )
+        self.audit_task_version = Gauge("inspection_audit_task_version", "Task version the audit values are of",
+                                        ["category"], registry=registry)
+        self.store_version = Gauge("inspection_store_version", "Store version served", registry=registry)
+        self.pass_seconds = Histogram("inspection_audit_pass_seconds", "Time to score every audit set once",
+                                      buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600), registry=registry)
+        self.frames_scored = Counter("inspection_audit_frames_total", "Audit frames scored, by stage (routing: "
+                                     "every frame each pass; expert: only where routing or the task changed)",
+                                     ["stage"], registry=registry)
+
+    def publish(self, reports) -> None:
+        """Exactly the categories reported now: a removed task's series go."""
+        for gauge in (self.audit_value, self.forgetting, self.audit_task_version):
+            gauge.clear()
+        for report in reports:
+            self.audit_task_version.labels(report.category).set(report.task_version)
+            for name, value in report.values.items():
+                self.audit_value.labels(report.category, name).set(value)
+            for name, value in report.forgetting.items():
+                self.forgetting.labels(report.category, name).set(value)
+            self.frames_scored.labels("routing").inc(report.frames)
+            self.frames_scored.labels("expert").inc(report.expert_frames_run)

@@ -114,20 +114,31 @@ class Inspector:
         t1 = time.perf_counter()
         matches = self.identifier.identify(task_features(routing))
         t2 = time.perf_counter()
-        results: list[Inspection | None] = [None] * len(images)
-        for category in sorted({m.category for m in matches if m.category is not None}):
-            rows = [i for i, m in enumerate(matches) if m.category == category]
-            task = self.tasks[category]
-            shared = routing.select(rows) if self._shares_routing(task) else None
-            inspections = self._run_expert(task, [images[i] for i in rows], [matches[i] for i in rows], shared)
-            for row, inspection in zip(rows, inspections):
-                results[row] = inspection
-        for row, match in enumerate(matches):
-            if results[row] is None:
-                results[row] = Inspection(match, None, None, None, None, None, None, None, None, None)
+        results = self.run_experts(images, routing, matches)
         t3 = time.perf_counter()
         timings = BatchTimings(1000 * (t1 - t0), 1000 * (t2 - t1), 1000 * (t3 - t2))
         return results, timings
+
+    def route(self, images: list[np.ndarray]) -> tuple[FeatureBatch, list[TaskMatch]]:
+        """Stage one alone: the routing pass and each frame's task (what `inspect` does first)."""
+        routing = self.backbones.routing_pass(images, self.routing, self.shared_layers())
+        return routing, self.identifier.identify(task_features(routing))
+
+    def run_experts(self, images: list[np.ndarray], routing: FeatureBatch, matches: list[TaskMatch],
+                    rows: list[int] | None = None) -> list[Inspection]:
+        """Stage two for `rows` (default: every frame): each routed frame through its task's expert, one
+        batch per task; a frame of no known task gets an empty inspection."""
+        rows = list(range(len(images))) if rows is None else list(rows)
+        results: dict[int, Inspection] = {}
+        for category in sorted({matches[r].category for r in rows if matches[r].category is not None}):
+            mine = [r for r in rows if matches[r].category == category]
+            task = self.tasks[category]
+            shared = routing.select(mine) if self._shares_routing(task) else None
+            for row, inspection in zip(mine, self._run_expert(task, [images[r] for r in mine],
+                                                              [matches[r] for r in mine], shared)):
+                results[row] = inspection
+        return [results.get(r) or Inspection(matches[r], None, None, None, None, None, None, None, None, None)
+                for r in rows]
 
     def _run_expert(self, task: LoadedTask, images: list[np.ndarray], matches: list[TaskMatch],
                     shared: FeatureBatch | None) -> list[Inspection]:

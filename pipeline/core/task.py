@@ -21,6 +21,7 @@ class TaskArtifacts:
     calibration: Calibration
     meta: dict = field(default_factory=dict)  # provenance: train_dir, image counts, timings, config
     spec: InputSpec | None = None  # how frames reach the expert; None: a task stored before specs existed
+    audit: bytes | None = None  # AuditSet.to_bytes() (pipeline/core/audit.py); None: stored before audit sets
 
     @property
     def input_spec(self) -> InputSpec:
@@ -46,6 +47,8 @@ class TaskArtifacts:
         }
         if self.spec is not None:
             blobs["spec"] = self.spec.model_dump_json().encode()
+        if self.audit is not None:
+            blobs["audit"] = self.audit
         return blobs
 
     @classmethod
@@ -59,4 +62,5 @@ class TaskArtifacts:
             calibration=Calibration.from_bytes(blobs["calibration"]),
             meta=json.loads(blobs["meta"]),
             spec=InputSpec.model_validate_json(blobs["spec"]) if "spec" in blobs else None,
+            audit=blobs.get("audit"),
         )

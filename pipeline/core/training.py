@@ -21,6 +21,7 @@ import torch
 
 from pipeline.core.calibration import Calibration
 from pipeline.core.expert_selection import choose, default_candidates, make_validation_set
+from pipeline.core.audit import make_audit_set
 from pipeline.core.task import TaskArtifacts
 from pipeline.core.task_id import KeyTaskIdentifier, select_keys, task_features
 from pipeline.data.datasets import list_images
@@ -237,8 +238,12 @@ def train_task(
         "fit_summary": summary,
         "model_config": model.model_dump(),
     }
-    on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})")
-    return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta, chosen.spec)
+    audit = make_audit_set([read_training_image(path, training.min_image_side) for path in splits.audit], model.seed)
+    meta["num_audit_frames"] = 0 if audit is None else len(audit.frames)
+    on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})"
+                     f"; audit set of {meta['num_audit_frames']} frames")
+    return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta, chosen.spec,
+                         None if audit is None else audit.to_bytes())
 
 
 def calibrate(expert: Expert, spec: InputSpec, backbones: Backbones, keys: np.ndarray, images: list[np.ndarray],
