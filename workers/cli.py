@@ -307,14 +307,18 @@ def _bench(args: argparse.Namespace) -> int:
     model = ModelConfig(seed=args.seed)
     training = TrainingConfig(max_train_images=args.max_train_images)
     backbones = Backbones.pretrained()
+    from workers.progress import bars_disabled, fraction_bar
+
     rows = []
     for category in args.category or discover_categories(args.root):
-        rows += benchmark_category(
-            args.root, category, args.expert or list(EXPERT_TYPES), backbones, model, training,
-            on_row=lambda row: log.info("%s/%s @ %s: image AUROC %.4f, recall@1%%FAR %.3f, %.0f ms/frame", row.category,
-                                        row.expert, row.spec, row.image_auroc, row.recall_at_1pct_far, row.ms_per_frame),
-            on_progress=lambda fraction, message, c=category: log.info("%s: %s", c, message), judge_all=args.judge_all,
-        )
+        with fraction_bar(f"bench {category}", disable=bars_disabled(args.quiet)) as on_progress:
+            rows += benchmark_category(
+                args.root, category, args.expert or list(EXPERT_TYPES), backbones, model, training,
+                on_row=lambda row: log.info("%s/%s @ %s: image AUROC %.4f, recall@1%%FAR %.3f, %.0f ms/frame",
+                                            row.category, row.expert, row.spec, row.image_auroc,
+                                            row.recall_at_1pct_far, row.ms_per_frame),
+                on_progress=on_progress, judge_all=args.judge_all,
+            )
     print(markdown_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "max_train_images": args.max_train_images,
@@ -362,13 +366,18 @@ def _continual(args: argparse.Namespace) -> int:
         name = f"synthetic_{texture}"
         write_synthetic_category(args.synthetic_dir, name, texture, seed=args.seed)
         sources.append(TaskSource(name, args.synthetic_dir))
-    report = run_continual_benchmark(
-        sources, Backbones.pretrained(), model, training,
-        expert=None if args.expert == "auto" else args.expert,
-        on_step=lambda step: log.info("task %d (%s) learnt in %.1fs: %s", step.step + 1, step.added, step.train_seconds,
-                                      ", ".join(f"{t} AUROC {r['image_auroc']:.4f} task-ID {r['task_id_accuracy']:.4f}"
-                                                for t, r in step.rows.items())),
-    )
+    from workers.progress import bars_disabled, count_bar
+
+    def on_step(step, bar) -> None:
+        log.info("task %d (%s) learnt in %.1fs: %s", step.step + 1, step.added, step.train_seconds,
+                 ", ".join(f"{t} AUROC {r['image_auroc']:.4f} task-ID {r['task_id_accuracy']:.4f}" for t, r in step.rows.items()))
+        bar.update(1)
+
+    with count_bar("continual", len(sources), "task", disable=bars_disabled(args.quiet)) as bar:
+        report = run_continual_benchmark(
+            sources, Backbones.pretrained(), model, training,
+            expert=None if args.expert == "auto" else args.expert, on_step=lambda step: on_step(step, bar),
+        )
     print(markdown_report(report))
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2, default=str))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from pydantic import BaseModel, ValidationError
 
@@ -60,11 +60,19 @@ def read_events(bootstrap: str, topics: TopicsConfig, timeout_s: float, until=No
     return parsed(read_topic(bootstrap, topics.events, topics, timeout_s, stop))
 
 
-def wait_for_outcomes(bootstrap: str, topics: TopicsConfig, command_ids: list[str], timeout_s: float) -> dict[str, TrainingEvent]:
-    """The final event (finished or failed) of each command; raises TimeoutError if one never comes."""
+def wait_for_outcomes(bootstrap: str, topics: TopicsConfig, command_ids: list[str], timeout_s: float,
+                      on_event: Callable[[TrainingEvent], None] | None = None) -> dict[str, TrainingEvent]:
+    """The final event (finished or failed) of each command; raises TimeoutError if one never comes.
+    `on_event` sees each event of these commands once, as it arrives (progress bars)."""
     wanted = set(command_ids)
+    seen: set[str] = set()
 
     def final(events: list[TrainingEvent]) -> dict[str, TrainingEvent]:
+        if on_event is not None:
+            for event in events:
+                if event.command_id in wanted and event.event_id not in seen:
+                    seen.add(event.event_id)
+                    on_event(event)
         return {e.command_id: e for e in events if e.command_id in wanted and e.kind in _FINAL}
 
     outcomes = final(read_events(bootstrap, topics, timeout_s, until=lambda events: len(final(events)) == len(wanted)))

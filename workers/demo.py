@@ -21,6 +21,7 @@ from pipeline.data.metrics import latency_summary, roc_auc
 from schemas.config import StackConfig, TopicsConfig
 from schemas.messages import AddCategory, Decision, InspectionResult
 from workers.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes
+from workers.progress import fraction_bar
 from workers.processes import WorkerProcess, spawn_worker, wait_for_store_version
 from workers.simulator import dataset_stream, publish
 from workers.stack import ALERT_RULES, LocalStack
@@ -106,9 +107,10 @@ def _train(stack: LocalStack, topics: TopicsConfig, root: Path, categories: list
     ]
     _say(f"control topic: add_category x{len(commands)}; training one task at a time ...")
     started = time.monotonic()
-    outcomes = wait_for_outcomes(
-        stack.config.bootstrap_servers, topics, send_commands(stack.config.bootstrap_servers, topics, commands), 3600
-    )
+    ids = send_commands(stack.config.bootstrap_servers, topics, commands)
+    with fraction_bar("training") as on_progress:
+        outcomes = wait_for_outcomes(stack.config.bootstrap_servers, topics, ids, 3600,
+                                     on_event=_overall_progress(ids, on_progress))
     training = {}
     for command in commands:
         event = outcomes[command.command_id]
@@ -118,6 +120,17 @@ def _train(stack: LocalStack, topics: TopicsConfig, root: Path, categories: list
         _say(f"  {command.category}: {event.message} ({event.details.get('training_seconds')} s)")
     _say(f"all categories live after {time.monotonic() - started:.0f}s")
     return training
+
+
+def _overall_progress(command_ids: list[str], on_progress):
+    """Training events of several commands (run one after another) as one fraction."""
+    position = {command_id: index for index, command_id in enumerate(command_ids)}
+
+    def on_event(event) -> None:
+        done = 1.0 if event.kind.value in ("finished", "failed") else (event.progress or 0.0)
+        on_progress((position[event.command_id] + done) / len(command_ids), f"{event.category}: {event.message}")
+
+    return on_event
 
 
 def _stream_and_measure(stack, topics, root: Path, categories: list[str], options: DemoOptions) -> dict:
