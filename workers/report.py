@@ -313,7 +313,7 @@ def overlay_thumbnail(frame: Image.Image | None, anomaly_map_png: bytes | None, 
     for box in boxes:
         x0, y0 = box.x0 * sx, box.y0 * sy
         x1, y1 = max(x0, box.x1 * sx - 1), max(y0, box.y1 * sy - 1)  # x1/y1 are exclusive
-        pass
+        draw.rectangle([x0, y0, x1, y1], outline=(255, 255, 255), width=3)
         draw.rectangle([x0, y0, x1, y1], outline=(255, 0, 255), width=1)
     out = io.BytesIO()
     thumb.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True)
