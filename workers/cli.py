@@ -112,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
     delivery.add_argument("--json", type=Path, default=None)
     delivery.set_defaults(handler=_bench_delivery)
 
+    report = commands.add_parser("report", help="an HTML report of the results on the results topic, with "
+                                 "Prometheus plots and galleries of flagged frames and missed defects")
+    report.add_argument("--out", type=Path, default=Path("report.html"))
+    report.add_argument("--prometheus-url", default=f"http://127.0.0.1:{StackConfig().prometheus_port}",
+                        help="'' for none")
+    _connection_options(report)
+    report.set_defaults(handler=_report)
+
     boards = commands.add_parser("dashboards", help="write the Grafana dashboards (grafana-foundation-sdk) as JSON")
     boards.add_argument("--out", type=Path, default=None, help="default: deploy/grafana/dashboards")
     boards.set_defaults(handler=_dashboards)
@@ -335,6 +343,25 @@ def _bench_delivery(args: argparse.Namespace) -> int:
     print(markdown_table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from schemas.messages import InspectionResult
+    from workers.client import parse_all
+    from workers.kafka_io import read_topic
+    from workers.progress import count_bar
+    from workers.report import write_report
+
+    topics = TopicsConfig()
+    with count_bar("reading results", None, "result") as bar:
+        def count(records) -> bool:  # read until the timeout: the topic has no "last" record
+            bar.update(len(records) - bar.n)
+            return False
+
+        records = read_topic(args.bootstrap, topics.results, topics, timeout_s=10, until=count)
+    path = write_report(args.out, parse_all(InspectionResult, records), args.prometheus_url or None)
+    print(json.dumps({"report": str(path), "results": len(records)}))
     return 0
 
 

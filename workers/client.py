@@ -26,7 +26,7 @@ _FINAL = {EventKind.FINISHED, EventKind.FAILED}
 log = logging.getLogger(__name__)
 
 
-def _parse_all(model: type[BaseModel], records) -> list:
+def parse_all(model: type[BaseModel], records) -> list:
     """Records that parse as `model`; anything else on the topic is skipped (and logged), not fatal."""
     parsed = []
     for record in records:
@@ -54,7 +54,7 @@ def send_commands(bootstrap: str, topics: TopicsConfig, commands: Iterable[Contr
 
 def read_events(bootstrap: str, topics: TopicsConfig, timeout_s: float, until=None) -> list[TrainingEvent]:
     def parsed(records) -> list[TrainingEvent]:
-        return _parse_all(TrainingEvent, records)
+        return parse_all(TrainingEvent, records)
 
     stop = (lambda records: until(parsed(records))) if until else None
     return parsed(read_topic(bootstrap, topics.events, topics, timeout_s, stop))
@@ -106,7 +106,7 @@ def collect_results(
 
 def read_dead_letters(bootstrap: str, topics: TopicsConfig, timeout_s: float, until=None) -> list[DeadLetter]:
     def parsed(records) -> list[DeadLetter]:
-        return _parse_all(DeadLetter, records)
+        return parse_all(DeadLetter, records)
 
     stop = (lambda records: until(parsed(records))) if until else None
     return parsed(read_topic(bootstrap, topics.dead_letter, topics, timeout_s, stop))

@@ -22,6 +22,7 @@ from schemas.config import StackConfig, TopicsConfig
 from schemas.messages import AddCategory, Decision, InspectionResult
 from workers.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes
 from workers.progress import fraction_bar
+from workers.report import write_report
 from workers.processes import WorkerProcess, spawn_worker, wait_for_store_version
 from workers.simulator import dataset_stream, publish
 from workers.stack import ALERT_RULES, LocalStack
@@ -57,10 +58,14 @@ def run_demo(options: DemoOptions) -> int:
     try:
         workers = _start_workers(stack, options.workers)
         training = _train(stack, topics, root, categories, options.max_train_images)
-        inference = [w for w in workers if w.kind == "infer"]
-        wait_for_store_version(inference, max(e["store_version"] for e in training.values()))
-        report = _stream_and_measure(stack, topics, root, categories, options)
-        report.update(training=training, stack=status, workers={w.name: w.metrics_url for w in workers})
+        serving = [w for w in workers if w.kind in ("infer", "monitor")]
+        wait_for_store_version(serving, max(e["store_version"] for e in training.values()), timeout_s=600)
+        audit = _audit(next(w for w in workers if w.kind == "monitor"))
+        report, results, started = _stream_and_measure(stack, topics, root, categories, options)
+        report.update(training=training, audit=audit, stack=status, workers={w.name: w.metrics_url for w in workers})
+        time.sleep(2 * 2.0)  # two scrape intervals: Prometheus holds the stream's last samples
+        report["html_report"] = str(write_report(stack.state_dir / "report.html", results, stack.prometheus_url,
+                                                 started, time.time()))
         _print_report(report)
         if options.report_path:
             options.report_path.write_text(json.dumps(report, indent=2, default=str))
@@ -94,6 +99,7 @@ def _start_workers(stack: LocalStack, count: int) -> list[WorkerProcess]:
     # One torch thread per inference worker: N single-threaded workers beat N oversubscribed ones.
     workers = [spawn_worker("control", "control-0", **common)]
     workers += [spawn_worker("infer", f"infer-{i}", threads=1, **common) for i in range(count)]
+    workers.append(spawn_worker("monitor", "monitor-0", threads=1, **common))  # audit sets after every store change
     for worker in workers:
         stack.register_metrics_target(worker.name, f"127.0.0.1:{worker.metrics_port}")
         _say(f"{worker.name} (pid {worker.popen.pid}) metrics {worker.metrics_url}, log {worker.log_path}")
@@ -122,6 +128,16 @@ def _train(stack: LocalStack, topics: TopicsConfig, root: Path, categories: list
     return training
 
 
+def _audit(monitor: WorkerProcess) -> dict[str, dict[str, float]]:
+    """Per category: the monitor's audit values and forgetting once every task is live (after the last
+    add, so the first category's forgetting says what adding the others did to it)."""
+    audit: dict[str, dict[str, float]] = {}
+    for name, prefix in (("inspection_audit_value", ""), ("inspection_forgetting", "forgetting_")):
+        for labels, value in monitor.samples(name):
+            audit.setdefault(labels["category"], {})[prefix + labels["metric"]] = value
+    return audit
+
+
 def _overall_progress(command_ids: list[str], on_progress):
     """Training events of several commands (run one after another) as one fraction."""
     position = {command_id: index for index, command_id in enumerate(command_ids)}
@@ -133,7 +149,9 @@ def _overall_progress(command_ids: list[str], on_progress):
     return on_event
 
 
-def _stream_and_measure(stack, topics, root: Path, categories: list[str], options: DemoOptions) -> dict:
+def _stream_and_measure(stack, topics, root: Path, categories: list[str], options: DemoOptions
+                        ) -> tuple[dict, list[InspectionResult], float]:
+    """The stream's numbers, its results in publishing order, and when publishing started (Unix time)."""
     items = dataset_stream(root, categories, options.limit_per_category, seed=0)
     _say(f"cameras: publishing {len(items)} test frames at {options.rate_fps:g} frames/s ...")
     started = time.time()
@@ -142,7 +160,7 @@ def _stream_and_measure(stack, topics, root: Path, categories: list[str], option
     dead = read_dead_letters(stack.config.bootstrap_servers, topics, 2)
     ordered = [results[f.frame_id] for f in sent if f.frame_id in results]
     finished = max(r.processed_at.timestamp() for r in ordered) if ordered else time.time()
-    return {
+    return ({
         "frames_published": len(sent),
         "results": len(ordered),
         "missing_results": len(sent) - len(ordered),
@@ -156,7 +174,7 @@ def _stream_and_measure(stack, topics, root: Path, categories: list[str], option
         },
         "categories": {c: _category_numbers(c, [r for r in ordered if r.ground_truth.category == c]) for c in categories},
         "metrics_urls": {"prometheus": stack.prometheus_url},
-    }
+    }, ordered, started)
 
 
 def _category_numbers(category: str, results: list[InspectionResult]) -> dict:
@@ -201,10 +219,15 @@ def _print_report(report: dict) -> None:
             f"{name}: {t.get('expert')} @ {t.get('input_spec')}, {t.get('expert_ms_per_frame')} ms/frame, "
             f"{t['training_seconds']} s, {t['stored_bytes'] / 1e6:.2f} MB stored" for name, t in report["training"].items()
         ),
+        "audit sets (forgetting monitor, after every add): " + "; ".join(
+            f"{name}: image AUROC {a.get('image_auroc', float('nan')):.4f}, task-ID {a.get('task_id_accuracy', float('nan')):.3f}, "
+            f"forgetting max {max((v for k, v in a.items() if k.startswith('forgetting_')), default=0.0):.4f}"
+            for name, a in report["audit"].items()) if report.get("audit") else "audit sets: none reported",
         f"metrics: Prometheus {report['metrics_urls']['prometheus'] or '(not installed)'}; workers "
         + ", ".join(report["workers"].values()),
         f"dashboards: {DASHBOARDS_DIR}/*.json (provisioned by {DASHBOARDS_DIR.parent / 'provisioning'}); "
         f"alert rules: {ALERT_RULES} (loaded by the Prometheus above)",
+        f"HTML report: {report['html_report']}",
     ]
     print("\n".join(rows), flush=True)
 

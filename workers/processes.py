@@ -40,13 +40,18 @@ class WorkerProcess:
 
     def metric(self, name: str) -> float | None:
         """Sum of a metric's samples (all labels), or None while the endpoint is not up."""
+        values = [value for _labels, value in self.samples(name)]
+        return sum(values) if values else None
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Every sample of metric `name` with its labels ([] while the endpoint is not up)."""
         try:
             with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
                 text = response.read().decode()
         except OSError:
-            return None
-        values = [s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
-        return sum(values) if values else None
+            return []
+        return [(dict(s.labels), s.value) for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == name]
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """Graceful: SIGTERM lets the worker finish and commit its batch."""

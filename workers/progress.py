@@ -40,7 +40,7 @@ def fraction_bar(title: str, disable: bool = False) -> Iterator[ProgressCallback
 
 
 @contextmanager
-def count_bar(title: str, total: int, unit: str, disable: bool = False) -> Iterator[tqdm]:
+def count_bar(title: str, total: int | None, unit: str, disable: bool = False) -> Iterator[tqdm]:
     """A bar over `total` items (tasks, categories, frames); call `.update(1)` per item."""
     bar = tqdm(total=total, desc=title, unit=unit, dynamic_ncols=True, disable=disable,
                mininterval=0.5 if sys.stderr.isatty() else 5.0)
