@@ -15,6 +15,7 @@ import torch
 from pipeline.features.backbone import FeatureBatch
 from pipeline.core.calibration import Calibration
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
+from pipeline.core.audit import make_audit_set
 from pipeline.core.store import KnowledgeStore, StoreError
 from pipeline.core.task import TaskArtifacts
 from schemas.spec import InputSpec, legacy_spec
@@ -51,6 +52,8 @@ def make_task(category: str, seed: int = 0, spec: InputSpec | None = SPEC) -> Ta
         calibration=calibration,
         meta={"train_dir": f"/data/{category}", "num_fit_images": 10, "seed": seed},
         spec=spec,
+        # Tasks stored before specs predate audit sets too.
+        audit=None if spec is None else make_audit_set([rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)], seed).to_bytes(),
     )
 
 
@@ -61,7 +64,7 @@ def assert_same_task(a: TaskArtifacts, b: TaskArtifacts) -> None:
     assert a.expert_state == b.expert_state
     assert a.calibration == b.calibration
     assert a.meta == b.meta
-    assert a.spec == b.spec and a.input_spec == b.input_spec
+    assert a.spec == b.spec and a.input_spec == b.input_spec and a.audit == b.audit
     assert a.blobs() == b.blobs()
 
 

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("kind", choices=["infer", "control", "monitor"])
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--metrics-port", type=int, default=0, help="0 = any free port")
+    worker.add_argument("--metrics-host", default=os.environ.get("INSPECTION_METRICS_HOST", "127.0.0.1"),
+                        help="address the metrics endpoint binds (0.0.0.0 in containers; loopback by default)")
     worker.add_argument("--max-batch-size", type=int, default=InferenceConfig().max_batch_size)
     worker.add_argument("--max-wait-ms", type=int, default=InferenceConfig().max_wait_ms)
     worker.add_argument("--max-frame-bytes", type=int, default=InferenceConfig().max_frame_bytes)
@@ -238,8 +240,8 @@ def _worker(args: argparse.Namespace) -> int:
 
         worker = ControlWorker(args.bootstrap, topics, ControlConfig(metrics_port=args.metrics_port), ModelConfig(),
                                TrainingConfig(), backbones, store, ControlMetrics(registry), worker_id)
-    port = serve(registry, "127.0.0.1", args.metrics_port)
-    log.info("%s ready; metrics on http://127.0.0.1:%d/metrics", worker_id, port)
+    port = serve(registry, args.metrics_host, args.metrics_port)
+    log.info("%s ready; metrics on http://%s:%d/metrics", worker_id, args.metrics_host, port)
     worker.run(stop)
     log.info("%s stopped", worker_id)
     return 0
