@@ -28,7 +28,7 @@ from kafka.structs import OffsetAndMetadata
 from schemas.config import SecurityConfig, StackConfig, TopicsConfig
 from schemas.messages import Record
 from workers import security
-from workers.kafka_io import make_consumer, make_producer, send_record
+from workers.kafka_io import make_consumer, make_producer, send_record, subscribe
 from workers.stack import LocalStack, StackError
 
 pytestmark = pytest.mark.integration
@@ -261,11 +261,11 @@ def test_inference_cannot_read_control(auth_stack: LocalStack, caplog: pytest.Lo
         assert not any(r.key == key for r in _poll_until(reader, key, polls=10))
     finally:
         reader.close()
-    # Subscribed in its group, kafka-python does not raise either: the topic is left out of the assignment.
-    member = _consumer(auth_stack, "inference", GROUPS["inference"], [control])
+    # Subscribing in its group is refused too: the topic's partitions never become visible to it.
+    member = _consumer(auth_stack, "inference", GROUPS["inference"], [])
     try:
-        with caplog.at_level(logging.ERROR, logger="kafka"):
-            assert _poll_until(member, b"never", polls=10) == []
+        with caplog.at_level(logging.ERROR, logger="kafka"), pytest.raises(TimeoutError, match="may not describe"):
+            subscribe(member, [control], timeout_s=3)
         assert member.assignment() == set()
         assert f"Topic {control} is not authorized" in caplog.text
     finally:

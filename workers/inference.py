@@ -41,7 +41,14 @@ from schemas.messages import (
     frame_id_of,
     utc_now,
 )
-from workers.kafka_io import make_consumer, make_producer, make_transactional_producer, record_of, send_record
+from workers.kafka_io import (
+    make_consumer,
+    make_producer,
+    make_transactional_producer,
+    record_of,
+    send_record,
+    subscribe,
+)
 from workers.liveness import PollWatchdog
 from workers.metrics import InferenceMetrics
 
@@ -97,7 +104,7 @@ class InferenceWorker:
             # Partition p to worker p mod W: cameras dealt to partitions in turn spread evenly (simulator).
             partition_assignment_strategy=[RoundRobinPartitionAssignor], **client_options,
         )
-        self.consumer.subscribe([topics.frames], listener=self.rebalances)
+        subscribe(self.consumer, [topics.frames], listener=self.rebalances)
         self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transaction")
         self.producer: KafkaProducer = self._new_producer()
         self.watchdog = PollWatchdog(metrics, config.stuck_after_s)

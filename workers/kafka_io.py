@@ -159,8 +159,18 @@ def make_consumer(
     config.update(overrides)
     consumer = KafkaConsumer(**config)
     if topic_names:
-        consumer.subscribe(list(topic_names))
+        subscribe(consumer, topic_names)
     return consumer
+
+
+def subscribe(consumer: KafkaConsumer, topic_names: Sequence[str], listener=None, timeout_s: float = 60.0) -> None:
+    """Subscribe once the consumer's metadata knows every topic's partitions. A member that joins its
+    group before that gets an empty assignment ("No partition metadata"), and kafka-python was seen
+    not to rejoin for minutes after the metadata arrived."""
+    deadline = time.monotonic() + timeout_s
+    for topic in topic_names:
+        _wait_for_partitions(consumer, topic, deadline)
+    consumer.subscribe(list(topic_names), listener=listener)
 
 
 def send_record(
@@ -212,5 +222,6 @@ def _wait_for_partitions(consumer: KafkaConsumer, topic: str, deadline: float) -
         if partitions:
             return [TopicPartition(topic, p) for p in sorted(partitions)]
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"topic {topic!r} not found on {consumer.config['bootstrap_servers']}")
+            raise TimeoutError(f"topic {topic!r} not found on {consumer.config['bootstrap_servers']} "
+                               "(or this principal may not describe it)")
         time.sleep(0.1)
