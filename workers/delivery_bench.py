@@ -62,6 +62,13 @@ def run_delivery_benchmark(frames: int = 160, rate_fps: float = 6.0) -> list[Del
 
 def _run(stack: LocalStack, state: Path, frames: int, rate_fps: float) -> list[DeliveryRow]:
     bench = _Bench(stack, state)
+    try:
+        return _scenarios(bench, frames, rate_fps)
+    finally:  # a failed run must not leave worker processes behind
+        bench.stop_all()
+
+
+def _scenarios(bench: "_Bench", frames: int, rate_fps: float) -> list[DeliveryRow]:
     bench.add_task()
     rows = []
     for mode in MODES:
@@ -72,7 +79,6 @@ def _run(stack: LocalStack, state: Path, frames: int, rate_fps: float) -> list[D
         rows.append(bench.worker_kill(mode, workers[0], fault_frames, rate_fps))
         rows.append(bench.broker_restart(mode, fault_frames, rate_fps))
         bench.stop_inference()
-    bench.stop_all()
     return rows
 
 
