@@ -10,7 +10,7 @@ import pytest
 import redis
 import torch
 
-from schemas.config import StackConfig, TopicsConfig
+from schemas.config import SecurityConfig, StackConfig, TopicsConfig
 from workers.stack import LocalStack
 
 
@@ -56,6 +56,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield local
     finally:
         local.down()
+
+
+@pytest.fixture(scope="module")
+def auth_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """Kafka + Redis with auth on (`inspection stack up --auth`), on free ports, for one test module;
+    stopped and its files (credentials included) removed at the end."""
+    kafka, controller, redis_port, prometheus = find_free_ports(4)
+    config = StackConfig(kafka_port=kafka, kafka_controller_port=controller, redis_port=redis_port,
+                         prometheus_port=prometheus, state_dir=tmp_path_factory.mktemp("auth-stack"),
+                         security=SecurityConfig(enabled=True))
+    local = LocalStack(config, TopicsConfig())
+    try:
+        local.up()
+        yield local
+    finally:
+        local.down(wipe=True)
 
 
 @pytest.fixture

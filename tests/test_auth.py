@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,19 +37,6 @@ FAST = dict(request_timeout_ms=10_000, max_block_ms=10_000)
 GROUPS = security.default_groups()
 
 
-@pytest.fixture(scope="module")
-def auth_stack(tmp_path_factory: pytest.TempPathFactory, free_ports) -> Iterator[LocalStack]:
-    """Kafka + Redis with auth on, on free ports; stopped (and its files removed) at the end."""
-    kafka, controller, redis_port, prometheus = free_ports(4)
-    config = StackConfig(kafka_port=kafka, kafka_controller_port=controller, redis_port=redis_port,
-                         prometheus_port=prometheus, state_dir=tmp_path_factory.mktemp("auth-stack"),
-                         security=SecurityConfig(enabled=True))
-    local = LocalStack(config, TopicsConfig())
-    try:
-        local.up()
-        yield local
-    finally:
-        local.down(wipe=True)
 
 
 # ---------------------------------------------------------------------------------- helpers

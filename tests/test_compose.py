@@ -682,19 +682,6 @@ def _answers(client) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def auth_stack(tmp_path_factory: pytest.TempPathFactory, free_ports):
-    """Kafka + Redis of `inspection stack up --auth` on free ports: a broker formatted with its admin user."""
-    kafka, controller, redis_port, prometheus = free_ports(4)
-    config = StackConfig(kafka_port=kafka, kafka_controller_port=controller, redis_port=redis_port,
-                         prometheus_port=prometheus, state_dir=tmp_path_factory.mktemp("compose-auth"),
-                         security=SecurityConfig(enabled=True))
-    local = LocalStack(config, TopicsConfig())
-    try:
-        local.up()
-        yield local
-    finally:
-        local.down(wipe=True)
 
 
 @pytest.mark.integration
