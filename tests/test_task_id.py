@@ -150,3 +150,64 @@ def test_zero_tasks_is_unknown() -> None:
     for match in matches:
         assert match.category is None and match.nearest is None
         assert match.distance == float("inf") and match.margin == 0.0
+
+
+# ------------------------------------------------------------------------------------ shortlist
+def _exhaustive(identifier: KeyTaskIdentifier, features: torch.Tensor) -> tuple[list[str], np.ndarray]:
+    distances = identifier.distances(features).numpy()
+    return [identifier.names[i] for i in distances.argmin(axis=1)], distances.min(axis=1)
+
+
+def test_shortlist_with_many_tasks_gives_the_exhaustive_task_distance_and_decision() -> None:
+    rng = np.random.default_rng(11)
+    _, keys = _task_keys(rng, 16, {f"task-{i:03d}": 8 for i in range(300)}, spread=1.0)
+    bounds = {name: 3.0 for name in keys}
+    identifier = KeyTaskIdentifier(keys, bounds, candidates=2)
+    frames = [keys[name][rng.integers(0, 8, size=12)] + rng.normal(scale=0.8, size=(12, 16))
+              for name in rng.choice(sorted(keys), size=40)]
+    frames += [rng.normal(scale=5.0, size=(12, 16)) for _ in range(10)]  # of no task: unknown
+    features = torch.from_numpy(np.stack(frames).astype(np.float32))
+    nearest, distance = _exhaustive(identifier, features)
+    matches = identifier.identify(features)
+    assert identifier.shortlist(features).shape == (50, 2)  # exactly two tasks scored per frame
+    # frames of a task: its nearest task and distance; frames of none: the same decision (their nearest
+    # task is a diagnostic only, and may be another far task)
+    assert [m.nearest for m in matches[:40]] == nearest[:40]
+    np.testing.assert_allclose([m.distance for m in matches[:40]], distance[:40], rtol=1e-6)
+    assert [m.category is None for m in matches] == [d > 3.0 for d in distance]
+    assert any(m.category is None for m in matches) and any(m.category for m in matches)
+
+
+def test_shortlist_at_least_every_task_is_the_exhaustive_search() -> None:
+    rng = np.random.default_rng(3)
+    _, keys = _task_keys(rng, 6, {"a": 3, "b": 5, "c": 2})
+    features = torch.from_numpy(rng.normal(scale=4.0, size=(20, 7, 6)).astype(np.float32))
+    full = KeyTaskIdentifier(keys, {n: 1e9 for n in keys}, candidates=3)
+    assert full.shortlist(features).tolist() == [[0, 1, 2]] * 20
+    nearest, _ = _exhaustive(full, features)
+    assert [m.nearest for m in full.identify(features)] == nearest
+    np.testing.assert_allclose(full.distances(features).numpy(), naive_distances(features.numpy(), keys), rtol=1e-4)
+
+
+def test_shortlist_scores_the_nearest_prototypes_and_takes_the_runner_up_among_them() -> None:
+    keys = {"a": np.array([[0.0]], np.float32), "b": np.array([[10.0]], np.float32),
+            "c": np.array([[11.0]], np.float32)}
+    identifier = KeyTaskIdentifier(keys, {n: 100.0 for n in keys}, candidates=2)
+    frame = torch.tensor([[[9.0]]])  # 1 from b, 2 from c, 9 from a: a is not scored
+    assert sorted(identifier.shortlist(frame)[0].tolist()) == [1, 2]
+    match = identifier.identify(frame)[0]
+    assert match.category == "b" and match.margin == pytest.approx((2 - 1) / 1)
+    with pytest.raises(ValueError):
+        KeyTaskIdentifier(keys, {n: 1.0 for n in keys}, candidates=0)
+
+
+def test_a_candidate_behind_the_nearest_prototype_is_scored_fully_when_it_comes_close() -> None:
+    # a's keys straddle the frame (prototype 5, nearest key 4.8 away); b's one key is 0.8 away
+    keys = {"a": np.array([[0.0], [10.0]], np.float32), "b": np.array([[6.0]], np.float32),
+            "c": np.array([[100.0]], np.float32)}
+    identifier = KeyTaskIdentifier(keys, {n: 1.0 for n in keys}, candidates=2)
+    frame = torch.full((1, 64, 1), 5.2)
+    assert identifier.shortlist(frame)[0].tolist() == [0, 1]  # a's prototype first
+    match = identifier.identify(frame)[0]
+    assert match.category == "b" and match.distance == pytest.approx(0.8, rel=1e-5)
+    assert match.margin == pytest.approx(1.0)  # (4.8 - 0.8) / 0.8, capped

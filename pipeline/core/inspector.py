@@ -67,7 +67,7 @@ class Inspector:
         self.routing = routing_spec(model.image_size)
         self.tasks: dict[str, LoadedTask] = {}
         self.store_version = 0
-        self.identifier = KeyTaskIdentifier({}, {})
+        self.identifier = KeyTaskIdentifier({}, {}, model.routing_candidates)
 
     # ------------------------------------------------------------------------------ store sync
     def sync(self, store: KnowledgeStore) -> list[str]:
@@ -85,15 +85,17 @@ class Inspector:
                 changed.append(name)
             else:
                 loaded[name] = LoadedTask(entry, current.artifacts, current.expert)
-        self._set_tasks(loaded, manifest.version)
+        self.set_tasks(loaded, manifest.version)
         return changed
 
-    def _set_tasks(self, tasks: dict[str, LoadedTask], version: int) -> None:
+    def set_tasks(self, tasks: dict[str, LoadedTask], version: int) -> None:
+        """Serve exactly these tasks (sync does this from the store; benchmarks with tasks built in memory)."""
         self.tasks = tasks
         self.store_version = version
         self.identifier = KeyTaskIdentifier(
             {name: t.artifacts.keys for name, t in tasks.items()},
             {name: t.artifacts.calibration.task_bound for name, t in tasks.items()},
+            self.model.routing_candidates,
         )
 
     # ---------------------------------------------------------------------------------- inference

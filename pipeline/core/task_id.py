@@ -1,10 +1,20 @@
 """Task identification by nearest keys: UCAD's key bank, on the frozen, unprompted ViT.
 
 Each task keeps K keys: farthest-point samples of its training images' patch tokens (ViT block
-`KEY_LAYER`, see pipeline.features.backbone). A frame's
-distance to a task is the mean, over the frame's patches, of the distance to the task's nearest key.
-All tasks are scored at once: one batched distance computation over a T x K x D key tensor, never a
-Python loop over tasks. A frame whose best distance exceeds that task's calibrated bound is unknown.
+`KEY_LAYER`, see pipeline.features.backbone). A frame's distance to a task is the mean, over the
+frame's patches, of the distance to the task's nearest key. A frame whose best distance exceeds that
+task's calibrated bound is unknown.
+
+The search is two-level so that it stays cheap with many tasks: each task's prototype (the mean of its
+keys) is compared with the frame's mean token (one B x T product), and only the `candidates` tasks
+with the nearest prototypes are scored against their keys. The nearest-prototype task is scored on
+every patch; the others first on a fixed eighth of the patches, and on every patch only when that
+estimate comes within `REFINE_SLACK` of the first's distance (a close call: the estimate's error over
+that many patches is a few percent). The best task is always one scored on every patch, so the task,
+its distance and the unknown decision are the exhaustive search's whenever the exhaustively nearest
+task is among the candidates (measured on the shared sets: `inspection perf --part routing`); the
+margin's runner-up may be an estimate. With at most `candidates` tasks every task is scored on every
+patch: the exhaustive search.
 """
 
 from __future__ import annotations
@@ -16,6 +26,11 @@ import torch
 
 from pipeline.features.backbone import KEY_LAYER, FeatureBatch
 from pipeline.common.sampling import farthest_point_sampling
+
+DEFAULT_CANDIDATES = 2
+ESTIMATE_FRACTION = 8  # a runner-up candidate is first scored on 1 / this of the patches
+REFINE_SLACK = 0.25  # ... and on all of them when that estimate is within this of the first's distance
+_MAX_SCORES_PER_CHUNK = 1 << 24  # patch x key distances held at once (64 MiB of float32)
 
 
 def task_features(batch: FeatureBatch) -> torch.Tensor:
@@ -40,40 +55,101 @@ class TaskMatch:
 
 
 class KeyTaskIdentifier:
-    """Scores frames against every task's keys in one vectorised pass."""
+    """Scores frames against the keys of their nearest-prototype tasks in one vectorised pass."""
 
-    def __init__(self, keys: dict[str, np.ndarray], bounds: dict[str, float]):
+    def __init__(self, keys: dict[str, np.ndarray], bounds: dict[str, float], candidates: int = DEFAULT_CANDIDATES):
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
         self.names = sorted(keys)
-        if not self.names:
-            self._keys = torch.empty(0)
-            self._bounds = torch.empty(0)
-            return
-        k = max(len(keys[n]) for n in self.names)
+        self.candidates = candidates
+        k = max((len(keys[n]) for n in self.names), default=0)
         # Pad every task to K keys by repeating its first key: a duplicate never changes a minimum.
         padded = [np.concatenate([keys[n], np.repeat(keys[n][:1], k - len(keys[n]), axis=0)]) for n in self.names]
-        self._keys = torch.from_numpy(np.stack(padded))  # T x K x D
+        self._keys = torch.from_numpy(np.stack(padded)) if padded else torch.empty(0, 0, 0)  # T x K x D
+        self._key_norms = (self._keys * self._keys).sum(dim=2)  # T x K, |k|^2 for the product form
+        self._prototypes = torch.from_numpy(np.stack([keys[n].mean(axis=0) for n in self.names])) if padded else None
         self._bounds = torch.tensor([bounds[n] for n in self.names], dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
-        """B x P x D features -> B x T mean nearest-key distances."""
-        t, k, d = self._keys.shape
-        pairwise = torch.cdist(features, self._keys.reshape(t * k, d)[None].expand(features.shape[0], -1, -1))
-        return pairwise.view(features.shape[0], features.shape[1], t, k).amin(dim=3).mean(dim=1)
+        """B x P x D features -> B x T mean nearest-key distances to every task (the exhaustive search)."""
+        b, p, d = features.shape
+        block = max(1, _MAX_SCORES_PER_CHUNK // max(1, p * max(d, self._keys.shape[1])))
+        every = torch.arange(len(self.names))
+        return torch.cat([self._exact(features, every[start : start + block].expand(b, -1))
+                          for start in range(0, len(self.names), block)], dim=1)
+
+    def shortlist(self, features: torch.Tensor) -> torch.Tensor:
+        """B x C task indices to score: every task when there are few, else those with the nearest
+        prototypes, nearest first."""
+        count = len(self.names)
+        if count <= self.candidates:
+            return torch.arange(count).expand(features.shape[0], -1)
+        prototype_distances = torch.cdist(features.mean(dim=1), self._prototypes)  # B x T
+        return prototype_distances.topk(self.candidates, dim=1, largest=False).indices
+
+    def _exact(self, features: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        """B x C mean nearest-key distances of each frame to the tasks `tasks` (B x C indices) names.
+
+        Each patch's nearest key comes from |f - k|^2 = |f|^2 + |k|^2 - 2 f.k as one batched product; its
+        distance is then taken directly as |f - k| (the product form loses digits when distances are small
+        next to the norms, and would differ with the shape of the call). Frames go in chunks that bound
+        the memory."""
+        b, p, d = features.shape
+        c, k = tasks.shape[1], self._keys.shape[1]
+        chunk = max(1, _MAX_SCORES_PER_CHUNK // max(1, p * c * max(k, d)))
+        out = []
+        for start in range(0, b, chunk):
+            rows, index = features[start : start + chunk], tasks[start : start + chunk]
+            keys = self._keys[index].reshape(len(rows), c * k, d)
+            offset = (rows * rows).sum(dim=2, keepdim=True) + self._key_norms[index].reshape(len(rows), 1, c * k)
+            squared = torch.baddbmm(offset, rows, keys.transpose(1, 2), alpha=-2.0)
+            nearest = squared.view(len(rows), p, c, k).argmin(dim=3)  # n x P x C key index within its task
+            flat = nearest + torch.arange(c)[None, None, :] * k  # index into the n x (C * K) keys
+            chosen = keys.gather(1, flat.reshape(len(rows), p * c, 1).expand(-1, -1, d))  # n x (P * C) x D
+            gaps = torch.linalg.vector_norm(rows[:, :, None, :] - chosen.view(len(rows), p, c, d), dim=3)
+            out.append(gaps.mean(dim=1))
+        return torch.cat(out) if out else torch.empty(0, c)
 
     def identify(self, features: torch.Tensor) -> list[TaskMatch]:
         if not self.names:
             return [TaskMatch(None, None, float("inf"), 0.0) for _ in range(features.shape[0])]
-        distances = self.distances(features)
-        best = distances.argmin(dim=1)
-        matches = []
-        for row, index in zip(distances, best.tolist()):
-            distance = float(row[index])
-            second = float(row.kthvalue(2).values) if len(self.names) > 1 else float("inf")
-            margin = min(1.0, (second - distance) / max(distance, 1e-12))
-            known = distance <= float(self._bounds[index])
-            name = self.names[index]
-            matches.append(TaskMatch(name if known else None, name, distance, margin))
-        return matches
+        tasks = self.shortlist(features)  # B x C, nearest prototype first
+        distances, exact = self._candidate_distances(features, tasks)
+        best = distances.masked_fill(~exact, float("inf")).argmin(dim=1)
+        rows = torch.arange(len(best))
+        best_distance, best_task = distances[rows, best], tasks[rows, best]
+        if tasks.shape[1] > 1:
+            second = distances.scatter(1, best[:, None], float("inf")).amin(dim=1)
+            margin = ((second - best_distance) / best_distance.clamp_min(1e-12)).clamp(max=1.0)
+        else:
+            margin = torch.ones_like(best_distance)
+        known = best_distance <= self._bounds[best_task]
+        return [TaskMatch(self.names[t] if ok else None, self.names[t], d, m)
+                for t, d, m, ok in zip(best_task.tolist(), best_distance.tolist(), margin.tolist(), known.tolist())]
+
+    def _candidate_distances(self, features: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x C distances to the candidate tasks and B x C bool: which were scored on every patch (the
+        rest are estimates from a fixed subset of patches)."""
+        if len(self.names) <= self.candidates:  # every task, every patch
+            return self._exact(features, tasks), torch.ones(tasks.shape, dtype=torch.bool)
+        distances = torch.cat([self._exact(features, tasks[:, :1]),
+                               self._exact(features[:, _patch_subset(features.shape[1])], tasks[:, 1:])], dim=1)
+        exact = torch.zeros(tasks.shape, dtype=torch.bool)
+        exact[:, 0] = True
+        close = distances[:, 1:] <= distances[:, :1] * (1.0 + REFINE_SLACK)
+        rows, columns = close.nonzero(as_tuple=True)
+        if len(rows):
+            columns = columns + 1
+            distances[rows, columns] = self._exact(features[rows], tasks[rows, columns][:, None])[:, 0]
+            exact[rows, columns] = True
+        return distances, exact
+
+
+def _patch_subset(patches: int) -> torch.Tensor:
+    """A fixed, spatially spread 1 / ESTIMATE_FRACTION of the patch indices (seeded, so a frame's estimate
+    never changes; a random subset has none of a stride's aliasing with the grid's width)."""
+    count = max(1, patches // ESTIMATE_FRACTION)
+    return torch.randperm(patches, generator=torch.Generator().manual_seed(patches))[:count].sort().values
