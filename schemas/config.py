@@ -102,6 +102,10 @@ class ModelConfig(_Config):
         default=1.15, ge=1.0, description="Unknown bound = slack x the task's highest held-out key distance "
         "(ViT keys: defective frames of a known task stay within 1.10, other products start at 1.18)."
     )
+    routing_candidates: int = Field(
+        default=2, ge=1, description="Tasks whose keys are searched exactly per frame: those with the nearest "
+        "prototypes (mean key); with at most this many tasks the search is exhaustive. The runner-up of the "
+        "margin is one of them, so keep it >= 2.")
     seed: int = 0
 
 
@@ -135,6 +139,8 @@ class InferenceConfig(_Config):
     group_id: str = "inspection-workers"
     max_batch_size: int = Field(default=8, ge=1)
     max_wait_ms: int = Field(default=50, ge=0, description="Longest a frame waits for its batch to fill.")
+    decode_threads: int = Field(default=2, ge=1, le=64, description="Threads decoding the next batch while the "
+                                "model computes the current one.")
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_frame_pixels: int = Field(default=40_000_000, ge=1024, description="Decoded size limit.")
     store_poll_interval_s: float = Field(default=0.5, gt=0)

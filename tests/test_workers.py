@@ -76,9 +76,9 @@ class Line:
     def store(self) -> KnowledgeStore:
         return KnowledgeStore.from_url(self.redis_url)
 
-    def spawn_inference(self, name: str) -> WorkerProcess:
+    def spawn_inference(self, name: str, *extra_args: str) -> WorkerProcess:
         worker = spawn_worker("infer", name, self.bootstrap, self.redis_url, self.log_dir, threads=1,
-                              extra_args=("--max-frame-bytes", str(MAX_FRAME_BYTES), "--max-wait-ms", "20"))
+                              extra_args=("--max-frame-bytes", str(MAX_FRAME_BYTES), "--max-wait-ms", "20", *extra_args))
         self.stack.register_metrics_target(name, f"127.0.0.1:{worker.metrics_port}")
         self.inference.append(worker)
         return worker
@@ -311,6 +311,33 @@ def test_worker_sigkill_mid_stream_gives_exactly_one_result_per_frame(line: Line
     missing = sorted({f.frame_id for f in frames} - set(results))
     assert not missing, f"lost frames {missing}; replacement log:\n{replacement.log_tail()}"
     assert duplicates == 0, f"{duplicates} frames got two committed results"
+
+
+@pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
+def test_pipelined_worker_sigkilled_with_every_stage_busy_loses_nothing(line: Line, delivery: str):
+    """Frames published in one burst keep the pipeline full (a batch decoding, one computing, one being
+    delivered) when the worker is killed: exactly-once gives one result per frame, at-least-once may
+    repeat a result but loses none."""
+    for worker in list(line.inference):  # the mode under test alone serves the stream
+        worker.stop()
+        line.inference.remove(worker)
+    victim = line.spawn_inference(f"pipe-{delivery}-a", "--delivery", delivery, "--max-batch-size", "4")
+    wait_for_store_version([victim], line.store.version())
+    frames = _numbered_frames(line, f"pipe-{delivery}", 40)
+    publisher = _stream_until_results(line, frames, 1000.0, victim)
+    victim.kill()
+    line.inference.remove(victim)
+    replacement = line.spawn_inference(f"pipe-{delivery}-b", "--delivery", delivery)
+    publisher.join()
+    results, duplicates = collect_results(line.bootstrap, line.topics, [f.frame_id for f in frames], 180)
+    missing = sorted({f.frame_id for f in frames} - set(results))
+    assert not missing, f"lost frames {missing}; replacement log:\n{replacement.log_tail()}"
+    if delivery == "exactly_once":
+        assert duplicates == 0, f"{duplicates} frames got two committed results"
+    replacement.stop()
+    line.inference.remove(replacement)
+    line.spawn_inference("infer-after-pipe")  # the default worker for the tests that follow
+    wait_for_store_version(line.inference, line.store.version())
 
 
 def test_broker_sigkill_and_restart_mid_stream_gives_exactly_one_result_per_frame(line: Line):

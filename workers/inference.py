@@ -8,6 +8,13 @@ the frames are then read again from the committed offsets, so readers with isola
 see exactly one result per frame. `delivery="at_least_once"` instead produces, flushes and then commits
 (cheaper; a crash between the two repeats a result, which consumers recognise by its key, the frame id).
 Workers in one consumer group share the frames topic's partitions.
+
+The loop is pipelined, one batch deep at each stage: while the model computes batch N, batch N + 1 is
+decoded in a thread pool and batch N - 1's results are delivered on a delivery thread (its transaction,
+or its send + flush). Offsets are committed only with (exactly-once) or after (at-least-once) the
+batch's results, so the guarantee is the sequential loop's. Only the poll thread touches the consumer;
+a batch is delivered only once the one before it is, and when a delivery fails or the group rebalances
+every batch not yet delivered is dropped and read again from the earliest of their offsets.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
@@ -64,6 +72,21 @@ class _Decoded:
     decode_ms: float
 
 
+@dataclass
+class _Batch:
+    """Records polled together, on their way through decode -> inspect -> delivery."""
+
+    records: list
+    rebalances: int  # the rebalance count when its poll began: delivered only if still the same
+    decoding: list[Future] = field(default_factory=list)  # one per record: _Decoded | DeadLetter
+
+
+@dataclass
+class _Delivery:
+    batch: _Batch
+    done: Future  # True: delivered (and, exactly-once, committed); False: to be read again
+
+
 class _Rebalances(ConsumerRebalanceListener):
     """Counts rebalances: a batch gathered across one is not delivered (part of it may be another
     worker's now); its partitions that stay ours are read again from the batch's first offsets."""
@@ -73,9 +96,11 @@ class _Rebalances(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked) -> None:
         self.count += 1
+        log.info("partitions revoked: %s", _partition_list(revoked))
 
     def on_partitions_assigned(self, assigned) -> None:
         self.count += 1
+        log.info("partitions assigned: %s", _partition_list(assigned))
 
 
 class InferenceWorker:
@@ -106,6 +131,10 @@ class InferenceWorker:
         )
         subscribe(self.consumer, [topics.frames], listener=self.rebalances)
         self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transaction")
+        self._decoder = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
+        self._delivery = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery")
+        self._ready: deque[_Batch] = deque()  # polled and decoding, oldest first (at most two)
+        self._in_flight: _Delivery | None = None
         self.producer: KafkaProducer = self._new_producer()
         self.watchdog = PollWatchdog(metrics, config.stuck_after_s)
         self._next_store_check = 0.0
@@ -136,21 +165,39 @@ class InferenceWorker:
                 if not self._store_read:
                     self._wait_for_store()
                     continue
-                rebalances = self.rebalances.count
-                records = self._poll_batch()
-                if records and rebalances != self.rebalances.count:
-                    # Gathered across a rebalance: read what is still ours again from the batch's start,
-                    # under the new generation (the rest is another worker's now).
-                    log.info("batch of %d gathered across a rebalance; reading it again", len(records))
-                    self._rewind(records)
-                elif records:
-                    self._handle_batch(records)
+                self._step()
                 self._update_lag()
+            self._settle()  # the batch in flight is delivered; batches not yet inspected are read again later
         finally:
             self.watchdog.stop()
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+            self._delivery.shutdown(wait=True)
             self.consumer.close()
             self.producer.close()
             self._steps.shutdown(wait=False)
+
+    def _step(self) -> None:
+        """Poll the next batch (waiting only when none is ready) and start decoding it; then inspect the
+        oldest ready batch and hand its results to the delivery thread."""
+        rebalances = self.rebalances.count
+        records = self._poll_batch(wait=not self._ready)
+        if records:
+            self._ready.append(self._prefetch(records, rebalances))
+        if not self._ready:
+            self._settle(wait=False)
+            return
+        batch = self._ready.popleft()
+        if batch.rebalances != self.rebalances.count:
+            # Gathered before a rebalance: read what is still ours again from the batch's start, under
+            # the new generation (the rest is another worker's now).
+            log.info("batch of %d gathered across a rebalance; reading it again", len(batch.records))
+            self._read_again(batch)
+            return
+        outgoing = self._inspect_batch(batch)
+        if not self._settle(also_dropped=batch):  # the batch before failed: this one must wait for it
+            return
+        group = self.consumer.group_metadata() if self.transactional else None
+        self._in_flight = _Delivery(batch, self._delivery.submit(self._deliver, outgoing, batch.records, group))
 
     def _follow_store(self) -> None:
         now = time.monotonic()
@@ -179,8 +226,13 @@ class InferenceWorker:
         self.watchdog.beat()
         time.sleep(self.config.store_poll_interval_s)
 
-    def _poll_batch(self) -> list:
-        """Up to max_batch_size records; once the first arrives, wait at most max_wait_ms for more."""
+    def _poll_batch(self, wait: bool = True) -> list:
+        """Up to max_batch_size records; once the first arrives, wait at most max_wait_ms for more.
+        `wait=False`: only what the consumer already holds (a batch is ready to compute meanwhile)."""
+        if not wait:
+            polled = self.consumer.poll(timeout_ms=0, max_records=self.config.max_batch_size)
+            self.watchdog.beat()
+            return [r for batch in polled.values() for r in batch]
         records: list = []
         deadline = None
         while len(records) < self.config.max_batch_size:
@@ -198,23 +250,69 @@ class InferenceWorker:
         return records
 
     # ---------------------------------------------------------------------------------- a batch
-    def _handle_batch(self, records: list) -> None:
+    def _prefetch(self, records: list, rebalances: int) -> _Batch:
         self.metrics.frames_in.inc(len(records))
         self.metrics.batch_size.observe(len(records))
+        return _Batch(records, rebalances, [self._decoder.submit(self._decode, r) for r in records])
+
+    def _inspect_batch(self, batch: _Batch) -> list[tuple[str, Record]]:
+        """The batch's outgoing records: results and dead letters, in the order of its frames."""
         outgoing: list[tuple[str, Record]] = []
         decoded = []
-        for consumer_record in records:
-            item = self._decode(consumer_record)
+        for future in batch.decoding:
+            item = future.result()
             if isinstance(item, DeadLetter):
                 outgoing.append((self.topics.dead_letter, item.to_record()))
             else:
                 decoded.append(item)
         if decoded:
-            outgoing += [(self.topics.results, r.to_record()) for r in self._inspect(decoded, records, outgoing)]
+            outgoing += [(self.topics.results, r.to_record()) for r in self._inspect(decoded, batch.records, outgoing)]
+        return outgoing
+
+    def _deliver(self, outgoing: list[tuple[str, Record]], records: list, group) -> bool:
+        """On the delivery thread: True once the batch is delivered, False when it must be read again."""
         if self.transactional:
-            self._deliver_in_transaction(outgoing, records)
-        else:
-            self._deliver_then_commit(outgoing)
+            return self._deliver_in_transaction(outgoing, records, group)
+        for topic, record in outgoing:
+            send_record(self.producer, topic, record)
+        self.producer.flush()  # results are on the broker before their frames' offsets are committed
+        return True
+
+    def _settle(self, wait: bool = True, also_dropped: _Batch | None = None) -> bool:
+        """Finish the delivery in flight (at-least-once: commit its offsets, on the poll thread). False
+        when it failed: it, `also_dropped` and every batch polled after them are read again."""
+        if self._in_flight is None or not (wait or self._in_flight.done.done()):
+            return True
+        delivery, self._in_flight = self._in_flight, None
+        while True:
+            try:
+                delivered = delivery.done.result(timeout=1.0)  # ProducerFencedError propagates: stop
+                break
+            except FutureTimeout:
+                self.watchdog.beat()  # alive: the delivery step is bounded by its own timeout
+        if not delivered:
+            self._read_again(delivery.batch, *([also_dropped] if also_dropped else []))
+            return False
+        if not self.transactional:
+            self._commit(delivery.batch.records)
+        return True
+
+    def _commit(self, records: list) -> None:
+        try:
+            # The batch's own offsets: the consumer's position is already past the batches behind it.
+            self.consumer.commit(offsets=_next_offsets(records))
+        except CommitFailedError:
+            # The group rebalanced under us: another worker re-reads these frames (a duplicate, not a loss).
+            log.warning("offset commit failed after a rebalance; the batch will be redelivered")
+
+    def _read_again(self, *batches: _Batch) -> None:
+        """Drop `batches` and every batch polled after them; seek back to the earliest of their offsets."""
+        dropped = [*batches, *self._ready]
+        self._ready.clear()
+        for later in dropped:
+            for future in later.decoding:
+                future.cancel()
+        self._rewind([r for b in dropped for r in b.records])
 
     def _decode(self, consumer_record) -> _Decoded | DeadLetter:
         started = time.perf_counter()
@@ -308,7 +406,7 @@ class InferenceWorker:
                 truth.category, "anomalous" if truth.is_anomalous else "normal", decision.value).inc()
 
     # ------------------------------------------------------------------------------ delivery
-    def _deliver_in_transaction(self, outgoing: list[tuple[str, Record]], records: list) -> None:
+    def _deliver_in_transaction(self, outgoing: list[tuple[str, Record]], records: list, group) -> bool:
         """Results, dead letters and the batch's offsets become visible together, or not at all.
 
         kafka-python waits for a transaction's steps without a timeout; a broker that died mid-commit
@@ -319,10 +417,11 @@ class InferenceWorker:
             self._bounded(self.producer.begin_transaction)
             for topic, record in outgoing:
                 send_record(self.producer, topic, record)
-            offsets, group = _next_offsets(records), self.consumer.group_metadata()
+            offsets = _next_offsets(records)
             self._bounded(lambda: self.producer.send_offsets_to_transaction(offsets, group))
             self._bounded(self.producer.commit_transaction)
             self.metrics.transactions.labels("committed").inc()
+            return True
         except ProducerFencedError:
             raise  # another instance owns this slot now: this one must stop (its supervisor says so)
         except (KafkaError, FutureTimeout) as exc:
@@ -330,7 +429,7 @@ class InferenceWorker:
                         len(records), type(exc).__name__, exc)
             self.metrics.transactions.labels("aborted").inc()
             self._abort(timed_out=isinstance(exc, FutureTimeout))
-            self._rewind(records)
+            return False
 
     def _bounded(self, step):
         """Run one transaction step, waiting at most the transaction timeout plus 5 s."""
@@ -365,16 +464,6 @@ class InferenceWorker:
         for partition, offset in _first_offsets(records).items():
             if partition in assigned:
                 self.consumer.seek(partition, offset)
-
-    def _deliver_then_commit(self, outgoing: list[tuple[str, Record]]) -> None:
-        for topic, record in outgoing:
-            send_record(self.producer, topic, record)
-        self.producer.flush()  # results are on the broker before their frames' offsets are committed
-        try:
-            self.consumer.commit()
-        except CommitFailedError:
-            # The group rebalanced under us: another worker re-reads these frames (a duplicate, not a loss).
-            log.warning("offset commit failed after a rebalance; the batch will be redelivered")
 
     # ------------------------------------------------------------------------------ bookkeeping
     def _dead_letter(self, consumer_record, record: Record, reason: DeadLetterReason, detail: str) -> DeadLetter:
@@ -415,6 +504,10 @@ class InferenceWorker:
             log.debug("lag not refreshed: %s", exc)
             return
         self.metrics.set_lag(lag)
+
+
+def _partition_list(partitions) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
 
 
 def _first_offsets(records: list) -> dict[TopicPartition, int]:
