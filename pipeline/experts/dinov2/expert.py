@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.common.neighbours import NearestNeighbours
 from pipeline.common.serialization import pack
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
 from pipeline.experts.dinov2.torch_model import (
@@ -99,7 +99,7 @@ class DINOv2Patch(Expert):
         self.bank: np.ndarray | None = None  # M x D float32, unit rows
         self.foreground: Foreground | None = None
         self.summary: dict = {}
-        self._index: faiss.IndexFlatIP | None = None
+        self._index: NearestNeighbours | None = None
 
     # ----------------------------------------------------------------------------------- features
     def _features(self, batch: FeatureBatch, backbone: Backbone | None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -183,16 +183,15 @@ class DINOv2Patch(Expert):
     # --------------------------------------------------------------------------------- inference
     def _set_bank(self, bank: np.ndarray) -> None:
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
-        self._index = faiss.IndexFlatIP(self.bank.shape[1])
-        self._index.add(self.bank)
+        self._index = NearestNeighbours(self.bank, "ip")
 
     def predict(self, batch: FeatureBatch, backbone: Backbone | None = None) -> ExpertOutput:
         if self._index is None:
             raise RuntimeError("DINOv2Patch.predict before fit/from_bytes")
         features, grid = self._features(batch, backbone)
         b, p, d = features.shape
-        similarity, _ = self._index.search(np.ascontiguousarray(features.reshape(b * p, d).numpy()), 1)
-        distances = (1.0 - torch.from_numpy(similarity[:, 0]).view(b, p)).clamp_min(0.0)  # cosine distance
+        similarity, _ = self._index.search(features.reshape(b * p, d), 1)
+        distances = (1.0 - similarity[:, 0].cpu().view(b, p)).clamp_min(0.0)  # cosine distance
         valid = batch.valid_grid(grid).reshape(b, p)  # letterbox padding is not the product
         if self.foreground is not None:
             valid = valid & self.foreground.masks(features, grid)

@@ -1,4 +1,5 @@
-"""PatchCore's memory bank: a coreset of normal patch features searched with faiss.
+"""PatchCore's memory bank: a coreset of normal patch features, searched exactly on the queries' device
+(pipeline.common.neighbours: faiss on the CPU, faiss-gpu or a torch top-k on a GPU).
 
 Shared by PatchCore and by UCAD's knowledge (a coreset of prompted ViT features): both score a frame by
 its patches' nearest-neighbour distances, with the paper's re-weighted image score and a smoothed map.
@@ -6,10 +7,10 @@ its patches' nearest-neighbour distances, with the paper's re-weighted image sco
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
 
+from pipeline.common.neighbours import NearestNeighbours
 from pipeline.experts.patchcore.torch_model import greedy_coreset, reweighted_image_scores, upsample_maps
 
 
@@ -17,10 +18,9 @@ class MemoryBank:
     def __init__(self, bank: np.ndarray, num_neighbors: int):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)  # M x D
         self.num_neighbors = num_neighbors
-        self._index = faiss.IndexFlatL2(self.bank.shape[1])
-        self._index.add(self.bank)
-        _, neighbours = self._index.search(self.bank, min(num_neighbors, len(self.bank)))  # itself first
-        self._bank_neighbours = torch.from_numpy(neighbours.astype(np.int64))
+        self._index = NearestNeighbours(self.bank, "l2")
+        _, self._bank_neighbours = self._index.search(torch.from_numpy(self.bank), num_neighbors)  # itself first
+        self._bank_tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_patches(
@@ -39,13 +39,18 @@ class MemoryBank:
         """B x h x w x D query patches -> (B image scores, B x H x W smoothed maps), float32. `valid`
         (B x h x w bool): the patches the image score may come from (the map covers every patch)."""
         b, h, w, d = query.shape
-        flat = np.ascontiguousarray(query.reshape(b * h * w, d).float().cpu().numpy())
+        flat = query.reshape(b * h * w, d).float()
         sq_dist, index = self._index.search(flat, 1)
-        nn_dist = torch.from_numpy(np.sqrt(np.maximum(sq_dist[:, 0], 0))).view(b, h * w)
-        nn_index = torch.from_numpy(index[:, 0].astype(np.int64)).view(b, h * w)
-        scoring = nn_dist if valid is None else nn_dist.masked_fill(~valid.reshape(b, h * w), 0.0)
-        scores = reweighted_image_scores(
-            torch.from_numpy(flat).view(b, h * w, d), scoring, nn_index, self._bank_neighbours, torch.from_numpy(self.bank)
-        )
+        nn_dist = sq_dist[:, 0].clamp_min(0).sqrt().view(b, h * w)
+        nn_index = index[:, 0].view(b, h * w)
+        scoring = nn_dist if valid is None else nn_dist.masked_fill(~valid.reshape(b, h * w).to(nn_dist.device), 0.0)
+        bank, neighbours = self._on(flat.device)
+        scores = reweighted_image_scores(flat.view(b, h * w, d), scoring, nn_index, neighbours, bank)
         maps = upsample_maps(nn_dist.view(b, h, w), image_hw, map_sigma)
-        return scores.numpy().astype(np.float32), maps.numpy().astype(np.float32)
+        return scores.cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank and its neighbour table as tensors on `device` (copied once)."""
+        if device not in self._bank_tensors:
+            self._bank_tensors[device] = (torch.from_numpy(self.bank).to(device), self._bank_neighbours.to(device))
+        return self._bank_tensors[device]

@@ -1,6 +1,6 @@
 """PatchCore's torch parts (Roth et al., CVPR 2022): patch embedding, coreset selection, scoring.
 
-Nearest-neighbour search over the memory bank is faiss's job (pipeline.experts.patchcore.expert).
+Nearest-neighbour search over the memory bank is pipeline.common.neighbours' job.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def reweighted_image_scores(
     query: B x P x D patches; nn_dist / nn_index: B x P nearest-bank distance and index;
     bank_neighbours: M x b indices of each bank entry's b nearest bank entries (itself first)."""
     best = nn_dist.argmax(dim=1)  # B
-    rows = torch.arange(query.shape[0])
+    rows = torch.arange(query.shape[0], device=query.device)
     s_star = nn_dist[rows, best]
     q_star = query[rows, best]  # B x D
     neighbours = bank[bank_neighbours[nn_index[rows, best]]]  # B x b x D
@@ -57,7 +57,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return maps
     radius = max(1, int(4 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     out = maps[:, None]
