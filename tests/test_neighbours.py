@@ -26,7 +26,18 @@ def test_torch_top_k_equals_faiss(metric: str, k: int) -> None:
     assert torch.equal(torch_index[:, 0], best)
 
 
-def test_k_is_capped_at_the_bank_and_queries_on_the_cpu_use_faiss_by_default() -> None:
+def test_chunks_do_not_change_the_answer() -> None:
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(3000, 8)).astype(np.float32)  # 87 queries per chunk on the CPU
+    queries = torch.from_numpy(rng.normal(size=(1000, 8)).astype(np.float32))
+    index = NearestNeighbours(bank, "l2")
+    whole = ((queries[:, None] - torch.from_numpy(bank)[None]) ** 2).sum(-1).min(dim=1)
+    scores, found = index.search(queries, 1)
+    np.testing.assert_allclose(scores[:, 0].numpy(), whole.values.numpy(), rtol=1e-4, atol=1e-5)
+    assert (found[:, 0] == whole.indices).float().mean() > 0.999
+
+
+def test_k_is_capped_at_the_bank() -> None:
     bank = np.eye(3, dtype=np.float32)
     index = NearestNeighbours(bank, "l2")
     scores, found = index.search(torch.eye(3), 5)

@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-frame-bytes", type=int, default=InferenceConfig().max_frame_bytes)
     worker.add_argument("--max-frame-pixels", type=int, default=InferenceConfig().max_frame_pixels)
     worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    worker.add_argument("--decode-threads", type=int, default=InferenceConfig().decode_threads,
+                        help="infer: threads decoding the next batch while the model computes the current one")
     worker.add_argument("--device", default="cpu", help="torch device for the backbone, e.g. cuda")
     worker.add_argument("--delivery", choices=["exactly_once", "at_least_once"], default=InferenceConfig().delivery,
                         help="infer: results in Kafka transactions (default) or produced before offsets are committed")
@@ -113,6 +115,22 @@ def _parser() -> argparse.ArgumentParser:
     delivery.add_argument("--rate", type=float, default=6.0, help="frames/s the cameras publish during fault runs")
     delivery.add_argument("--json", type=Path, default=None)
     delivery.set_defaults(handler=_bench_delivery)
+
+    perf = commands.add_parser("perf", help="frames/s and p50/p99 per stage: the key search with 1-1,000 tasks, "
+                               "the model path against batch size, tasks and expert, and end to end through Kafka")
+    perf.add_argument("--part", action="append", choices=["compute", "routing", "model", "kafka"], default=None,
+                      help="default: all four")
+    perf.add_argument("--dataset-root", type=Path, default=Path("../shared/datasets"))
+    perf.add_argument("--category", action="append", default=None, help="default: magnetic_tile, ball_screw")
+    perf.add_argument("--device", default="cpu", help="torch device of the model path, e.g. cuda")
+    perf.add_argument("--batch-sizes", default="1,4,16,64")
+    perf.add_argument("--tasks", default="1,10,100,1000", help="numbers of tasks (real ones plus decoys)")
+    perf.add_argument("--expert", action="append", default=None, help="default: patchcore")
+    perf.add_argument("--frames", type=int, default=64, help="frames timed per model-path row")
+    perf.add_argument("--routing-frames", type=int, default=0, help="test frames per category (0 = all)")
+    perf.add_argument("--kafka-frames", type=int, default=160)
+    perf.add_argument("--json", type=Path, default=None, help="also write the tables here (markdown in JSON)")
+    perf.set_defaults(handler=_perf)
 
     report = commands.add_parser("report", help="an HTML report of the results on the results topic, with "
                                  "Prometheus plots and galleries of flagged frames and missed defects")
@@ -226,7 +244,8 @@ def _worker(args: argparse.Namespace) -> int:
 
         config = InferenceConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                  max_frame_bytes=args.max_frame_bytes, max_frame_pixels=args.max_frame_pixels,
-                                 metrics_port=args.metrics_port, delivery=args.delivery)
+                                 metrics_port=args.metrics_port, delivery=args.delivery,
+                                 decode_threads=args.decode_threads)
         worker = InferenceWorker(args.bootstrap, topics, config, Inspector(backbones, ModelConfig()), store,
                                  InferenceMetrics(registry), worker_id)
     elif args.kind == "monitor":
@@ -346,6 +365,28 @@ def _bench_delivery(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return 0
+
+
+def _perf(args: argparse.Namespace) -> int:
+    from workers.perf import PerfOptions, run_perf
+
+    options = PerfOptions(
+        parts=tuple(args.part or PerfOptions.parts), dataset_root=args.dataset_root,
+        categories=tuple(args.category or PerfOptions.categories), device=args.device,
+        batch_sizes=_ints(args.batch_sizes), task_counts=_ints(args.tasks), experts=tuple(args.expert or ("patchcore",)),
+        frames=args.frames, routing_frames=args.routing_frames, kafka_frames=args.kafka_frames)
+    tables = run_perf(options)
+    print(tables)
+    if args.json:
+        args.json.write_text(json.dumps({"options": str(options), "tables": tables}, indent=2))
+    return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+    if not values or min(values) < 1:
+        raise SystemExit(f"expected positive integers separated by commas, got {text!r}")
+    return values
 
 
 def _report(args: argparse.Namespace) -> int:

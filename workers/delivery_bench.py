@@ -18,12 +18,14 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.data.datasets import labeled_test_images, write_synthetic_category
 from schemas.config import StackConfig, TopicsConfig
-from schemas.messages import AddCategory, Frame
+from schemas.messages import AddCategory, Frame, InspectionResult
 from workers.client import collect_results, seconds_to_next_result, send_commands, wait_for_outcomes
 from workers.kafka_io import make_producer, send_record
 from workers.processes import WorkerProcess, free_port, spawn_worker, wait_for_store_version, wait_until
@@ -48,27 +50,31 @@ class DeliveryRow:
 
 
 def run_delivery_benchmark(frames: int = 160, rate_fps: float = 6.0) -> list[DeliveryRow]:
-    with tempfile.TemporaryDirectory(prefix="delivery-bench-") as folder:
+    with bench_line() as bench:
+        return _scenarios(bench, frames, rate_fps)
+
+
+@contextmanager
+def bench_line() -> Iterator["BenchLine"]:
+    """A stack of its own (free loopback ports, a temporary folder) with a control worker; everything is
+    stopped and removed afterwards, also when the body fails."""
+    with tempfile.TemporaryDirectory(prefix="bench-line-") as folder:
         state = Path(folder)
         kafka, controller, redis_port, prometheus = (free_port() for _ in range(4))
         stack = LocalStack(StackConfig(kafka_port=kafka, kafka_controller_port=controller, redis_port=redis_port,
                                        prometheus_port=prometheus, state_dir=state / "stack"), TopicsConfig())
         stack.up()
         try:
-            return _run(stack, state, frames, rate_fps)
+            bench = BenchLine(stack, state)
+            try:
+                yield bench
+            finally:  # a failed run must not leave worker processes behind
+                bench.stop_all()
         finally:
             stack.down()
 
 
-def _run(stack: LocalStack, state: Path, frames: int, rate_fps: float) -> list[DeliveryRow]:
-    bench = _Bench(stack, state)
-    try:
-        return _scenarios(bench, frames, rate_fps)
-    finally:  # a failed run must not leave worker processes behind
-        bench.stop_all()
-
-
-def _scenarios(bench: "_Bench", frames: int, rate_fps: float) -> list[DeliveryRow]:
+def _scenarios(bench: "BenchLine", frames: int, rate_fps: float) -> list[DeliveryRow]:
     bench.add_task()
     rows = []
     for mode in MODES:
@@ -82,7 +88,9 @@ def _scenarios(bench: "_Bench", frames: int, rate_fps: float) -> list[DeliveryRo
     return rows
 
 
-class _Bench:
+class BenchLine:
+    """A stack with a control worker, one synthetic task and inference workers in a chosen delivery mode."""
+
     def __init__(self, stack: LocalStack, state: Path):
         self.stack = stack
         self.topics = stack.topics
@@ -103,11 +111,11 @@ class _Bench:
             raise RuntimeError(f"training the benchmark task failed: {outcome.message}")
         self.store_version = outcome.store_version
 
-    def start_inference(self, mode: str) -> list[WorkerProcess]:
+    def start_inference(self, mode: str, count: int = 2, extra_args: tuple[str, ...] = ()) -> list[WorkerProcess]:
         self.inference = [
             spawn_worker("infer", f"bench-{mode}-{i}", self.bootstrap, self.stack.config.redis_url, self.logs, threads=1,
-                         extra_args=("--delivery", mode, "--max-wait-ms", "20"))
-            for i in range(2)
+                         extra_args=("--delivery", mode, "--max-wait-ms", "20", *extra_args))
+            for i in range(count)
         ]
         wait_for_store_version(self.inference, self.store_version, timeout_s=300)
         wait_until(lambda: all((w.metric("inspection_consumer_lag") is not None) for w in self.inference), 120,
@@ -126,13 +134,18 @@ class _Bench:
 
     # ------------------------------------------------------------------------------ scenarios
     def throughput(self, mode: str, count: int, warm_up: bool = False) -> DeliveryRow:
+        results, duplicates, seconds = self.stream(count)
+        return DeliveryRow(mode, "warm-up" if warm_up else "throughput", count, count - len(results), duplicates,
+                           frames_per_second=len(results) / seconds)
+
+    def stream(self, count: int) -> tuple[dict[str, InspectionResult], int, float]:
+        """`count` frames published at once: their first results, duplicates, and seconds from the first
+        send to the last result."""
         frames = self._frames(count)
         started = time.monotonic()
         self._publish(frames, rate_fps=0)
         results, duplicates = collect_results(self.bootstrap, self.topics, [f.frame_id for f in frames], 900)
-        seconds = time.monotonic() - started
-        return DeliveryRow(mode, "warm-up" if warm_up else "throughput", count, count - len(results), duplicates,
-                           frames_per_second=len(results) / seconds)
+        return results, duplicates, time.monotonic() - started
 
     def worker_kill(self, mode: str, victim: WorkerProcess, count: int, rate_fps: float) -> DeliveryRow:
         frames = self._frames(count)

@@ -1,9 +1,12 @@
 """Exact nearest-neighbour search over a fixed bank, on the device the queries are on.
 
-The experts' one search core. On the CPU it is faiss's flat index (L2 or inner product). On a GPU it is
-faiss's GPU flat index when faiss was built with GPUs (the `gpu` extra, faiss-gpu), else a chunked
-torch product with top-k, so the features never leave the GPU. Every backend is exact; they differ
-only in floating-point rounding (tested against each other).
+The experts' one search core: a torch matrix product in cache-sized chunks, the bank's squared norms
+added inside the product (addmm) and only the minimum (or top-k) kept, on whatever device the queries
+are on; with faiss-gpu installed (the `gpu` extra) a GPU's queries go to faiss's GPU flat index. On this
+machine's CPU the torch core measured 3.7x faster than faiss's flat index (15,232 queries x 4,760 x 152,
+one thread: 0.26 s against 0.97 s; the faiss wheel loads its generic build here), so faiss's CPU index is
+kept as the reference backend (`backend="faiss"`). Every backend is exact; they differ only in
+floating-point rounding (tested against each other).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import numpy as np
 import torch
 
 Metric = Literal["l2", "ip"]  # l2: squared Euclidean distances, ip: inner products (largest first)
-_MAX_SCORES_PER_CHUNK = 1 << 25  # query x bank scores held at once by the torch backend (128 MiB)
+_CPU_CHUNK_SCORES = 1 << 18  # query x bank scores per product on a CPU: about L2-sized (1 MiB), measured fastest
+_GPU_CHUNK_SCORES = 1 << 27  # ... and on a GPU, where larger products keep it busy (512 MiB)
 
 
 class NearestNeighbours:
@@ -27,7 +31,8 @@ class NearestNeighbours:
         self.metric = metric
         self._faiss = (faiss.IndexFlatL2 if metric == "l2" else faiss.IndexFlatIP)(self.bank.shape[1])
         self._faiss.add(self.bank)
-        self._on_device: dict[torch.device, object] = {}  # a GPU's faiss index or bank tensor, built on first use
+        self._banks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, made on first use
+        self._gpu_indexes: dict[torch.device, object] = {}  # faiss-gpu indexes, made on first use
 
     def __len__(self) -> int:
         return len(self.bank)
@@ -36,46 +41,48 @@ class NearestNeighbours:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, len(self.bank))
         queries = queries.float()
-        use_torch = backend == "torch" or (backend == "auto" and queries.device.type != "cpu" and not _faiss_has_gpus())
-        if use_torch:
-            return self._torch_search(queries, k)
-        if queries.device.type != "cpu" and backend == "auto":
+        if backend == "faiss":
+            scores, index = self._faiss.search(np.ascontiguousarray(queries.cpu().numpy()), k)
+            return torch.from_numpy(scores), torch.from_numpy(index.astype(np.int64))
+        if backend == "auto" and queries.device.type == "cuda" and _faiss_has_gpus():
             return self._faiss_gpu_search(queries, k)
-        scores, index = self._faiss.search(np.ascontiguousarray(queries.cpu().numpy()), k)
-        return torch.from_numpy(scores), torch.from_numpy(index.astype(np.int64))
+        return self._torch_search(queries, k)
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        bank = self._device_bank(queries.device)
-        bank_norms = (bank * bank).sum(dim=1) if self.metric == "l2" else None
-        chunk = max(1, _MAX_SCORES_PER_CHUNK // len(bank))
+        bank_t, bank_norms = self._device_bank(queries.device)
+        budget = _CPU_CHUNK_SCORES if queries.device.type == "cpu" else _GPU_CHUNK_SCORES
+        chunk = max(1, budget // len(self.bank))
         scores, indices = [], []
         for start in range(0, len(queries), chunk):
             rows = queries[start : start + chunk]
-            products = rows @ bank.T
-            if self.metric == "l2":
-                squared = ((rows * rows).sum(dim=1, keepdim=True) + bank_norms - 2.0 * products).clamp_min_(0.0)
-                top = squared.topk(k, dim=1, largest=False)
+            if self.metric == "l2":  # |q - b|^2 = (|b|^2 - 2 q.b) + |q|^2: the row term does not move the order
+                partial = torch.addmm(bank_norms, rows, bank_t, alpha=-2.0)
+                values, index = partial.min(dim=1, keepdim=True) if k == 1 else partial.topk(k, dim=1, largest=False)
+                values = (values + (rows * rows).sum(dim=1, keepdim=True)).clamp_min_(0.0)
             else:
-                top = products.topk(k, dim=1, largest=True)
-            scores.append(top.values)
-            indices.append(top.indices)
+                products = rows @ bank_t
+                values, index = products.max(dim=1, keepdim=True) if k == 1 else products.topk(k, dim=1, largest=True)
+            scores.append(values)
+            indices.append(index)
         return torch.cat(scores), torch.cat(indices)
 
     def _faiss_gpu_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self._on_device.get(queries.device)
+        index = self._gpu_indexes.get(queries.device)
         if index is None:
             resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(resources, queries.device.index or 0, self._faiss)
-            self._on_device[queries.device] = index
+            self._gpu_indexes[queries.device] = index
         scores, found = index.search(np.ascontiguousarray(queries.cpu().numpy()), k)
         return (torch.from_numpy(scores).to(queries.device), torch.from_numpy(found.astype(np.int64)).to(queries.device))
 
-    def _device_bank(self, device: torch.device) -> torch.Tensor:
-        bank = self._on_device.get(device)
-        if bank is None:
+    def _device_bank(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """D x M bank (transposed once, for the product) and its M squared norms, on `device`."""
+        cached = self._banks.get(device)
+        if cached is None:
             bank = torch.from_numpy(self.bank).to(device)
-            self._on_device[device] = bank
-        return bank
+            cached = (bank.T.contiguous(), (bank * bank).sum(dim=1))
+            self._banks[device] = cached
+        return cached
 
 
 def _faiss_has_gpus() -> bool:
