@@ -87,12 +87,13 @@ def test_model_path_row_times_every_stage(synthetic: Path, one_torch_thread) -> 
 
 def test_perf_command_prints_its_tables_without_the_shared_datasets(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "perf", "--part", "routing", "--part", "model",
+        [sys.executable, "-m", "workers.cli", "perf", "--part", "compute", "--part", "routing", "--part", "model",
          "--dataset-root", str(tmp_path / "absent"), "--batch-sizes", "2", "--tasks", "1,10",
          "--frames", "2", "--routing-frames", "4"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "### Compute bound on cpu" in done.stdout and "norms folded (used)" in done.stdout
     assert "### Routing: the key search alone (brick, grass; 8 frames" in done.stdout
     assert "### Model path on cpu" in done.stdout and "brick (expert at efficientnet_lite0" in done.stdout
     assert done.stdout.count("| patchcore |") == 4  # per category: batch 2 at 10 tasks, then 1 task at batch 2

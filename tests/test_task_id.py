@@ -109,7 +109,9 @@ def test_identify_routes_near_keys_and_flags_unknown() -> None:
     for match, row in zip(matches, distances):
         assert 0.0 <= match.margin <= 1.0
         assert match.nearest == identifier.names[int(np.argmin(row))]
-        assert match.distance == pytest.approx(float(row.min()), rel=1e-6)
+        # the product form loses digits when keys sit far from the origin next to their distance (here 14 vs
+        # 0.14; real tokens: about 4 vs 2) and rounds differently with the shape of the call
+        assert match.distance == pytest.approx(float(row.min()), rel=1e-3)
         if match.category is None:
             assert match.distance > bounds[match.nearest]
         else:
@@ -173,7 +175,7 @@ def test_shortlist_with_many_tasks_gives_the_exhaustive_task_distance_and_decisi
     # frames of a task: its nearest task and distance; frames of none: the same decision (their nearest
     # task is a diagnostic only, and may be another far task)
     assert [m.nearest for m in matches[:40]] == nearest[:40]
-    np.testing.assert_allclose([m.distance for m in matches[:40]], distance[:40], rtol=1e-6)
+    np.testing.assert_allclose([m.distance for m in matches[:40]], distance[:40], rtol=1e-4)
     assert [m.category is None for m in matches] == [d > 3.0 for d in distance]
     assert any(m.category is None for m in matches) and any(m.category for m in matches)
 

@@ -129,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     perf.add_argument("--frames", type=int, default=64, help="frames timed per model-path row")
     perf.add_argument("--routing-frames", type=int, default=0, help="test frames per category (0 = all)")
     perf.add_argument("--kafka-frames", type=int, default=160)
+    perf.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default: every core)")
     perf.add_argument("--json", type=Path, default=None, help="also write the tables here (markdown in JSON)")
     perf.set_defaults(handler=_perf)
 
@@ -368,8 +369,12 @@ def _bench_delivery(args: argparse.Namespace) -> int:
 
 
 def _perf(args: argparse.Namespace) -> int:
+    import torch
+
     from workers.perf import PerfOptions, run_perf
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     options = PerfOptions(
         parts=tuple(args.part or PerfOptions.parts), dataset_root=args.dataset_root,
         categories=tuple(args.category or PerfOptions.categories), device=args.device,

@@ -67,7 +67,7 @@ def run_perf(options: PerfOptions) -> str:
         sections = []
         backbones = Backbones.pretrained(options.device) if {"compute", "routing", "model"} & set(options.parts) else None
         if "compute" in options.parts:
-            sections.append(_compute(root, categories[0], backbones, model, options))
+            sections.append(_compute(root, categories[-1], backbones, model, options))
         if "routing" in options.parts:
             sections.append(_routing(root, categories, backbones, model, training, options))
         if "model" in options.parts:

@@ -68,6 +68,7 @@ class KeyTaskIdentifier:
         self._keys = torch.from_numpy(np.stack(padded)) if padded else torch.empty(0, 0, 0)  # T x K x D
         self._key_norms = (self._keys * self._keys).sum(dim=2)  # T x K, |k|^2 for the product form
         self._prototypes = torch.from_numpy(np.stack([keys[n].mean(axis=0) for n in self.names])) if padded else None
+        self._prototype_norms = None if self._prototypes is None else (self._prototypes * self._prototypes).sum(dim=1)
         self._bounds = torch.tensor([bounds[n] for n in self.names], dtype=torch.float32)
 
     def __len__(self) -> int:
@@ -75,11 +76,8 @@ class KeyTaskIdentifier:
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """B x P x D features -> B x T mean nearest-key distances to every task (the exhaustive search)."""
-        b, p, d = features.shape
-        block = max(1, _MAX_SCORES_PER_CHUNK // max(1, p * max(d, self._keys.shape[1])))
-        every = torch.arange(len(self.names))
-        return torch.cat([self._exact(features, every[start : start + block].expand(b, -1))
-                          for start in range(0, len(self.names), block)], dim=1)
+        every = torch.arange(len(self.names)).expand(features.shape[0], -1)
+        return self._exact(features, every)
 
     def shortlist(self, features: torch.Tensor) -> torch.Tensor:
         """B x C task indices to score: every task when there are few, else those with the nearest
@@ -87,30 +85,29 @@ class KeyTaskIdentifier:
         count = len(self.names)
         if count <= self.candidates:
             return torch.arange(count).expand(features.shape[0], -1)
-        prototype_distances = torch.cdist(features.mean(dim=1), self._prototypes)  # B x T
-        return prototype_distances.topk(self.candidates, dim=1, largest=False).indices
+        # |m - c|^2 less the frame's own |m|^2, which does not change the order
+        partial = torch.addmm(self._prototype_norms, features.mean(dim=1), self._prototypes.T, alpha=-2.0)  # B x T
+        return partial.topk(self.candidates, dim=1, largest=False).indices
 
-    def _exact(self, features: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+    def _exact(self, features: torch.Tensor, tasks: torch.Tensor, squared_norms: torch.Tensor | None = None) -> torch.Tensor:
         """B x C mean nearest-key distances of each frame to the tasks `tasks` (B x C indices) names.
 
-        Each patch's nearest key comes from |f - k|^2 = |f|^2 + |k|^2 - 2 f.k as one batched product; its
-        distance is then taken directly as |f - k| (the product form loses digits when distances are small
-        next to the norms, and would differ with the shape of the call). Frames go in chunks that bound
-        the memory."""
+        |f - k|^2 = (|k|^2 - 2 f.k) + |f|^2 as one batched product (what torch.cdist does for inputs this
+        size); the patch term does not change which key is nearest, so it is added after the minimum,
+        and only the minimum is rooted. `squared_norms`: B x P |f|^2 when the caller has them. Frames go
+        in chunks that bound the memory."""
         b, p, d = features.shape
         c, k = tasks.shape[1], self._keys.shape[1]
-        chunk = max(1, _MAX_SCORES_PER_CHUNK // max(1, p * c * max(k, d)))
+        if squared_norms is None:
+            squared_norms = (features * features).sum(dim=2)
+        chunk = max(1, _MAX_SCORES_PER_CHUNK // max(1, p * c * k))
         out = []
         for start in range(0, b, chunk):
             rows, index = features[start : start + chunk], tasks[start : start + chunk]
             keys = self._keys[index].reshape(len(rows), c * k, d)
-            offset = (rows * rows).sum(dim=2, keepdim=True) + self._key_norms[index].reshape(len(rows), 1, c * k)
-            squared = torch.baddbmm(offset, rows, keys.transpose(1, 2), alpha=-2.0)
-            nearest = squared.view(len(rows), p, c, k).argmin(dim=3)  # n x P x C key index within its task
-            flat = nearest + torch.arange(c)[None, None, :] * k  # index into the n x (C * K) keys
-            chosen = keys.gather(1, flat.reshape(len(rows), p * c, 1).expand(-1, -1, d))  # n x (P * C) x D
-            gaps = torch.linalg.vector_norm(rows[:, :, None, :] - chosen.view(len(rows), p, c, d), dim=3)
-            out.append(gaps.mean(dim=1))
+            partial = torch.baddbmm(self._key_norms[index].reshape(len(rows), 1, c * k), rows, keys.transpose(1, 2), alpha=-2.0)
+            nearest = partial.view(len(rows), p, c, k).amin(dim=3) + squared_norms[start : start + chunk, :, None]
+            out.append(nearest.clamp_min_(0.0).sqrt_().mean(dim=1))
         return torch.cat(out) if out else torch.empty(0, c)
 
     def identify(self, features: torch.Tensor) -> list[TaskMatch]:
@@ -133,17 +130,19 @@ class KeyTaskIdentifier:
     def _candidate_distances(self, features: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """B x C distances to the candidate tasks and B x C bool: which were scored on every patch (the
         rest are estimates from a fixed subset of patches)."""
+        norms = (features * features).sum(dim=2)  # B x P, shared by every call below
         if len(self.names) <= self.candidates:  # every task, every patch
-            return self._exact(features, tasks), torch.ones(tasks.shape, dtype=torch.bool)
-        distances = torch.cat([self._exact(features, tasks[:, :1]),
-                               self._exact(features[:, _patch_subset(features.shape[1])], tasks[:, 1:])], dim=1)
+            return self._exact(features, tasks, norms), torch.ones(tasks.shape, dtype=torch.bool)
+        subset = _patch_subset(features.shape[1])
+        distances = torch.cat([self._exact(features, tasks[:, :1], norms),
+                               self._exact(features[:, subset], tasks[:, 1:], norms[:, subset])], dim=1)
         exact = torch.zeros(tasks.shape, dtype=torch.bool)
         exact[:, 0] = True
         close = distances[:, 1:] <= distances[:, :1] * (1.0 + REFINE_SLACK)
         rows, columns = close.nonzero(as_tuple=True)
         if len(rows):
             columns = columns + 1
-            distances[rows, columns] = self._exact(features[rows], tasks[rows, columns][:, None])[:, 0]
+            distances[rows, columns] = self._exact(features[rows], tasks[rows, columns][:, None], norms[rows])[:, 0]
             exact[rows, columns] = True
         return distances, exact
 

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import nullcontext
 from collections.abc import Sequence
@@ -239,43 +240,34 @@ def time_networks(backbones: Backbones, cnn_hw: tuple[int, int], batch_size: int
     vit_input = torch.rand(batch_size, 3, 224, 224)
     cnn_input = torch.rand(batch_size, 3, *cnn_hw)
     cases = {
-        "ViT-S/14 to block 7": (vit_input, lambda x: backbone.vit.multi_layer_tokens(x, (KEY_LAYER,))),
-        f"{backbone.cnn_name} stages 1-4": (cnn_input, lambda x: backbone.net(x)),
+        "ViT-S/14 to block 7": (vit_input, lambda x, net: backbone.vit.multi_layer_tokens(x, (KEY_LAYER,))),
+        f"{backbone.cnn_name} stages 1-4": (cnn_input, lambda x, net: net(x)),
     }
+    checkpoint_form = copy.deepcopy(backbone.net).to(memory_format=torch.contiguous_format)
     peaks = {"fp32": gemm_peak_gflops(torch.float32), "bf16": gemm_peak_gflops(torch.bfloat16)}
     rows = []
     for network, (pixels, run) in cases.items():
+        is_cnn = "stages" in network
+        channels_last = pixels.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             with FlopCounterMode(display=False) as counter:
-                run(pixels)
+                run(pixels, checkpoint_form)
             gflop = counter.get_total_flops() / 1e9 / batch_size
-            variants = {"fp32": (pixels, nullcontext)}
-            if "stages" in network:
-                variants["fp32 channels-last"] = (pixels.contiguous(memory_format=torch.channels_last), _channels_last(backbone.net))
-            variants["bf16 autocast"] = (pixels, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-            for variant, (x, context) in variants.items():
+            variants = {"fp32": (pixels, checkpoint_form, nullcontext)}
+            if is_cnn:
+                variants["fp32 channels-last"] = (channels_last, backbone.net, nullcontext)
+                variants["fp32 channels-last, norms folded (used)"] = (channels_last, backbone.inference_net, nullcontext)
+            bf16_net = backbone.inference_net if is_cnn else None
+            variants["bf16 autocast"] = (channels_last if is_cnn else pixels, bf16_net,
+                                         lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+            for variant, (x, net, context) in variants.items():
                 with context():
-                    run(x)
-                    seconds = min(_timed(lambda: run(x)) for _ in range(repeats)) / batch_size
+                    run(x, net)
+                    seconds = min(_timed(lambda: run(x, net)) for _ in range(repeats)) / batch_size
                 peak = peaks["bf16" if variant.startswith("bf16") else "fp32"]
                 rows.append(ComputeRow(network, tuple(pixels.shape[-2:]), variant, gflop, 1000 * seconds,
                                        gflop / seconds, gflop / seconds / peak))
     return rows, peaks
-
-
-def _channels_last(net: torch.nn.Module):
-    """A context with the network's weights in channels-last memory format, restored afterwards."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def scope():
-        net.to(memory_format=torch.channels_last)
-        try:
-            yield
-        finally:
-            net.to(memory_format=torch.contiguous_format)
-
-    return scope
 
 
 def _timed(work) -> float:
