@@ -273,10 +273,18 @@ class InferenceWorker:
         """On the delivery thread: True once the batch is delivered, False when it must be read again."""
         if self.transactional:
             return self._deliver_in_transaction(outgoing, records, group)
-        for topic, record in outgoing:
-            send_record(self.producer, topic, record)
-        self.producer.flush()  # results are on the broker before their frames' offsets are committed
-        return True
+        try:
+            sent = [send_record(self.producer, topic, record) for topic, record in outgoing]
+            # Results are on the broker before their frames' offsets are committed. Bounded: an unbounded
+            # flush that never returns would hold the worker (its poll loop waits on this delivery).
+            self.producer.flush(timeout=self.config.transaction_timeout_ms / 1000 + 5)
+            for future in sent:  # flush only logs a send that failed for good: ask each one
+                future.get(timeout=0)
+            return True
+        except KafkaError as exc:  # read again: at-least-once may repeat a result, never lose one
+            log.warning("delivery of a batch of %d failed (%s: %s); its frames come again", len(records),
+                        type(exc).__name__, exc)
+            return False
 
     def _settle(self, wait: bool = True, also_dropped: _Batch | None = None) -> bool:
         """Finish the delivery in flight (at-least-once: commit its offsets, on the poll thread). False
