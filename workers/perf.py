@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.core.expert_selection import default_candidates
 from pipeline.core.inspector import Inspector
 from pipeline.core.training import load_frames, routing_tokens
 from pipeline.data.datasets import SYNTHETIC_TEXTURES, labeled_test_images, list_images, write_synthetic_category
@@ -95,8 +96,6 @@ def _fit_images(root: Path, category: str, count: int, model: ModelConfig) -> li
 
 
 def _compute(root: Path, category: str, backbones: Backbones, model: ModelConfig, options: PerfOptions) -> str:
-    from pipeline.core.expert_selection import default_candidates
-
     spec = default_candidates(_fit_images(root, category, 4, model), "patchcore", None)[0].spec
     rows, peaks = time_networks(backbones, (spec.height, spec.width))
     return f"### Compute bound on {options.device} (batch 8; the CNN at {category}'s PatchCore canvas)\n\n" + compute_table(rows, peaks)

@@ -29,8 +29,7 @@ class NearestNeighbours:
     def __init__(self, bank: np.ndarray, metric: Metric = "l2"):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)  # M x D
         self.metric = metric
-        self._faiss = (faiss.IndexFlatL2 if metric == "l2" else faiss.IndexFlatIP)(self.bank.shape[1])
-        self._faiss.add(self.bank)
+        self._faiss_index = None  # faiss's copy of the bank, only once a faiss backend is used
         self._banks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, made on first use
         self._gpu_indexes: dict[torch.device, object] = {}  # faiss-gpu indexes, made on first use
 
@@ -42,7 +41,7 @@ class NearestNeighbours:
         k = min(k, len(self.bank))
         queries = queries.float()
         if backend == "faiss":
-            scores, index = self._faiss.search(np.ascontiguousarray(queries.cpu().numpy()), k)
+            scores, index = self._faiss().search(np.ascontiguousarray(queries.cpu().numpy()), k)
             return torch.from_numpy(scores), torch.from_numpy(index.astype(np.int64))
         if backend == "auto" and queries.device.type == "cuda" and _faiss_has_gpus():
             return self._faiss_gpu_search(queries, k)
@@ -70,10 +69,16 @@ class NearestNeighbours:
         index = self._gpu_indexes.get(queries.device)
         if index is None:
             resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(resources, queries.device.index or 0, self._faiss)
+            index = faiss.index_cpu_to_gpu(resources, queries.device.index or 0, self._faiss())
             self._gpu_indexes[queries.device] = index
         scores, found = index.search(np.ascontiguousarray(queries.cpu().numpy()), k)
         return (torch.from_numpy(scores).to(queries.device), torch.from_numpy(found.astype(np.int64)).to(queries.device))
+
+    def _faiss(self):
+        if self._faiss_index is None:
+            self._faiss_index = (faiss.IndexFlatL2 if self.metric == "l2" else faiss.IndexFlatIP)(self.bank.shape[1])
+            self._faiss_index.add(self.bank)
+        return self._faiss_index
 
     def _device_bank(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """D x M bank (transposed once, for the product) and its M squared norms, on `device`."""

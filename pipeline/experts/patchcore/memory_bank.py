@@ -1,5 +1,5 @@
 """PatchCore's memory bank: a coreset of normal patch features, searched exactly on the queries' device
-(pipeline.common.neighbours: faiss on the CPU, faiss-gpu or a torch top-k on a GPU).
+(pipeline.common.neighbours: a chunked torch product on the CPU or a GPU; faiss-gpu when installed).
 
 Shared by PatchCore and by UCAD's knowledge (a coreset of prompted ViT features): both score a frame by
 its patches' nearest-neighbour distances, with the paper's re-weighted image score and a smoothed map.
