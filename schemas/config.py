@@ -109,30 +109,55 @@ class ModelConfig(_Config):
     seed: int = 0
 
 
+DEFAULT_FRAME_BUDGET_MS = 250.0  # the line's per-frame budget on this 2-core CPU
+
+
 class TrainingConfig(_Config):
     """How a task's normal images are used, and what adding a task may cost.
 
-    The images (at most `max_train_images`, a seeded sample) are split by role: fit (the expert and the
-    keys learn from them), validation (the automatic choice of expert and spec, early stopping),
-    calibration (thresholds, the unknown bound) and audit (never used in training: kept for live
-    monitoring); whatever is left over is not used at all (evaluation's extra normal images)."""
+    Every usable image is used (or at most `max_train_images`, a seeded sample, when an operator caps
+    them). The held-out roles are dealt by fraction with floors, and the fit split takes the rest:
+    validation (the automatic choice of expert, spec and image decision; early stopping), calibration
+    (thresholds, the unknown bound: at least `min_calibration_images` for a 1% target), statistics
+    (per-position normal statistics of the maps, only for aligned products: frames of one size) and
+    audit (never used in training: kept for live monitoring). Whatever a cap leaves over is not read."""
 
-    max_train_images: int = Field(default=250, ge=4, description="Cap on the images one task uses, all roles.")
-    fit_fraction: float = Field(default=0.5, gt=0, lt=1)
-    validation_fraction: float = Field(default=0.15, gt=0, lt=1)
-    calibration_fraction: float = Field(default=0.25, gt=0, lt=1)  # audit: the rest
+    max_train_images: int | None = Field(default=None, ge=4, description="Optional cap on the images one "
+                                         "task uses, all roles; None: every usable image.")
+    validation_fraction: float = Field(default=0.1, gt=0, lt=1)
+    min_validation_images: int = Field(default=30, ge=1)
+    calibration_fraction: float = Field(default=0.2, gt=0, lt=1)
+    min_calibration_images: int = Field(default=100, ge=1, description="A 1% false-alarm threshold needs "
+                                        "about 100 held-out normals to be more than the highest score.")
+    statistics_fraction: float = Field(default=0.1, ge=0, lt=1)
+    min_statistics_images: int = Field(default=20, ge=0)
+    audit_fraction: float = Field(default=0.05, ge=0, lt=1)
+    max_audit_images: int = Field(default=32, ge=0, description="The audit set keeps at most 16 normals "
+                                  "(pipeline.core.audit); more would only be names in the meta.")
+    max_held_out_fraction: float = Field(default=0.5, gt=0, lt=1, description="The held-out roles never take "
+                                         "more than this share of the images, floors included: fit keeps the rest.")
     batch_size: int = Field(default=16, ge=1)
-    expert_budget_ms: float = Field(default=250.0, gt=0, description="Most ms per frame a chosen expert may "
-                                    "cost on this machine, its backbone included (measured on validation frames).")
-    add_budget_s: float = Field(default=180.0, gt=0, description="Time to add a task; the automatic choice "
-                                "tries no further candidate once the estimate would pass it.")
+    expert_budget_ms: float = Field(default=DEFAULT_FRAME_BUDGET_MS, gt=0, allow_inf_nan=False, description="The line's per-frame "
+                                    "budget: most ms per frame a chosen expert may cost on this machine, its "
+                                    "backbone included (estimated from its work, pipeline.core.cost).")
+    add_budget_s: float = Field(default=180.0, gt=0, allow_inf_nan=False, description="Time to add a task at "
+                                "the default frame budget; the automatic choice tries no further candidate once "
+                                "the estimate would pass it. It scales with the frame budget (scaled_add_budget_s).")
     min_image_side: int = Field(default=32, ge=8, description="Training images smaller than this are skipped.")
 
     @model_validator(mode="after")
     def _fractions(self) -> "TrainingConfig":
-        if self.fit_fraction + self.validation_fraction + self.calibration_fraction >= 1.0:
-            raise ValueError("fit + validation + calibration fractions must leave room for the audit split")
+        held = self.validation_fraction + self.calibration_fraction + self.statistics_fraction + self.audit_fraction
+        if held > self.max_held_out_fraction:
+            raise ValueError(f"validation + calibration + statistics + audit fractions ({held:g}) must leave the "
+                             f"fit split at least 1 - max_held_out_fraction ({1 - self.max_held_out_fraction:g})")
         return self
+
+    @property
+    def scaled_add_budget_s(self) -> float:
+        """The add budget at this frame budget: a line that can spend 10x the default per frame has hardware
+        about 10x faster than this CPU's default, so the same add on it is worth 10x the work here."""
+        return self.add_budget_s * max(1.0, self.expert_budget_ms / DEFAULT_FRAME_BUDGET_MS)
 
 
 class InferenceConfig(_Config):

@@ -181,7 +181,11 @@ class AddCategory(_Command):
     expert: ExpertName | None = Field(
         default=None, description="None: fit every expert and keep the best on held-out normal + synthetic anomalies."
     )
-    max_train_images: int | None = Field(default=None, ge=4)
+    max_train_images: int | None = Field(default=None, ge=4, description="Optional cap; None: every usable image.")
+    frame_budget_ms: float | None = Field(
+        default=None, gt=0, le=60_000, description="The line's per-frame budget for this category's expert, ms "
+        "(finite, > 0); None: the control worker's default (TrainingConfig.expert_budget_ms). The add budget "
+        "scales with it.")
     false_alarm_rate: float = Field(default=0.01, gt=0, lt=0.5)
     replace: bool = Field(default=False, description="Allow retraining a category that exists.")
 

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-BLOB_KINDS = ("keys", "expert", "calibration", "meta", "spec", "audit")  # "spec", "audit": absent in tasks stored before them
+BLOB_KINDS = ("keys", "expert", "calibration", "meta", "spec", "audit", "decision")  # the last three: absent in tasks stored before them
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 

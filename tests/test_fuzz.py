@@ -190,6 +190,7 @@ _GOOD_AND_BAD = {
     "train_dir": (st.text(max_size=40), _values),
     "expert": (st.sampled_from(["patchcore", "dinov2", "panda"]), st.one_of(st.just("magic"), _values)),
     "max_train_images": (st.integers(4, 10**6), st.one_of(_numbers, _values)),
+    "frame_budget_ms": (st.floats(min_value=0, max_value=60_000, exclude_min=True), st.one_of(_numbers, _values)),
     "replace": (st.booleans(), _values),
     "task_version": (st.integers(1, 10**9), st.one_of(_numbers, _values)),
 }
@@ -235,7 +236,7 @@ def _check_command(command) -> None:
     """What any parsed command guarantees to the control worker."""
     assert isinstance(command, COMMAND_TYPES)
     assert re.fullmatch(CATEGORY_PATTERN, command.category)
-    for name in ("threshold", "false_alarm_rate"):
+    for name in ("threshold", "false_alarm_rate", "frame_budget_ms"):
         value = getattr(command, name, None)
         assert value is None or (math.isfinite(value) and value > 0)
     if isinstance(command, SetThreshold):

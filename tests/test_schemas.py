@@ -176,6 +176,8 @@ def test_add_category_defaults() -> None:
         b'{"action": "remove_category", "category": "brick", "extra": 1}',
         b'{"action": "add_category", "category": "brick"}',  # no train_dir
         b'{"action": "add_category", "category": "brick", "train_dir": "/d", "max_train_images": 3}',
+        b'{"action": "add_category", "category": "brick", "train_dir": "/d", "frame_budget_ms": "fast"}',
+        b'{"action": "add_category", "category": "brick", "train_dir": "/d", "frame_budget_ms": 1e6}',
         b'{"action": "add_category", "category": "brick", "train_dir": "/d", "false_alarm_rate": 0.5}',
         b'{"action": "add_category", "category": "brick", "train_dir": "/d", "expert": "magic"}',
         b'{"action": "choose_expert", "category": "brick", "expert": "magic"}',
@@ -204,6 +206,14 @@ NON_FINITE = [
     (b'{"action": "set_threshold", "category": "brick", "command_id": "c-1", "false_alarm_rate": 1e309}', "finite"),
     (b'{"action": "add_category", "category": "brick", "command_id": "c-1", "train_dir": "/d", '
      b'"false_alarm_rate": NaN}', "finite"),
+    (b'{"action": "add_category", "category": "brick", "command_id": "c-1", "train_dir": "/d", '
+     b'"frame_budget_ms": Infinity}', "finite"),
+    (b'{"action": "add_category", "category": "brick", "command_id": "c-1", "train_dir": "/d", '
+     b'"frame_budget_ms": NaN}', "finite"),
+    (b'{"action": "add_category", "category": "brick", "command_id": "c-1", "train_dir": "/d", '
+     b'"frame_budget_ms": 0}', "greater than 0"),
+    (b'{"action": "add_category", "category": "brick", "command_id": "c-1", "train_dir": "/d", '
+     b'"frame_budget_ms": -250}', "greater than 0"),
 ]
 
 
@@ -211,7 +221,7 @@ NON_FINITE = [
 def test_non_finite_or_negative_numbers_are_refused_naming_the_field(document: bytes, reason: str) -> None:
     with pytest.raises(SchemaError, match=reason) as caught:
         parse_control(document)
-    field = "threshold" if b'"threshold"' in document else "false_alarm_rate"
+    field = next(f for f in ("threshold", "frame_budget_ms", "false_alarm_rate") if f'"{f}"'.encode() in document)
     assert f".{field}:" in str(caught.value)  # says which field, not only pydantic's banner
 
 

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.features.backbone import FeatureBatch
 from pipeline.core.calibration import Calibration
+from pipeline.core.decision import ImageDecision, MapStatistics
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
 from pipeline.core.audit import make_audit_set
 from pipeline.core.store import KnowledgeStore, StoreError
@@ -54,6 +55,9 @@ def make_task(category: str, seed: int = 0, spec: InputSpec | None = SPEC) -> Ta
         spec=spec,
         # Tasks stored before specs predate audit sets too.
         audit=None if spec is None else make_audit_set([rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)], seed).to_bytes(),
+        # ... and image decisions: a position-aware one here
+        decision=None if spec is None else ImageDecision(
+            "top_k_mean", MapStatistics.from_maps([rng.random((24, 32), dtype=np.float32) for _ in range(3)])),
     )
 
 
@@ -65,6 +69,7 @@ def assert_same_task(a: TaskArtifacts, b: TaskArtifacts) -> None:
     assert a.calibration == b.calibration
     assert a.meta == b.meta
     assert a.spec == b.spec and a.input_spec == b.input_spec and a.audit == b.audit
+    assert a.image_decision.describe() == b.image_decision.describe()
     assert a.blobs() == b.blobs()
 
 
@@ -122,6 +127,7 @@ def test_per_task_specs_round_trip_and_old_tasks_keep_theirs(store: KnowledgeSto
     assert manifest.tasks["tile"] == old_entry and blob_snapshot(redis_client, store, "tile") == before
     loaded_old = store.load_task(manifest.tasks["tile"])
     assert loaded_old.spec is None and loaded_old.input_spec == legacy_spec(224)
+    assert loaded_old.decision is None and loaded_old.image_decision.aggregation == "expert"  # its own score, as before
     assert loaded_old.blobs() == old.blobs()
     loaded_new = store.load_task(manifest.tasks["screw"])
     assert loaded_new.spec == SPEC and set(manifest.tasks["screw"].blobs) == set(BLOB_KINDS)

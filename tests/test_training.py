@@ -19,6 +19,7 @@ from pipeline.core.training import (
     describe_skipped,
     load_frames,
     load_task_images,
+    role_sizes,
     routing_tokens,
     split_roles,
     train_task,
@@ -37,7 +38,7 @@ IMAGE_SIZE = 128
 TRAINED = ("brick", "gravel")
 UNTRAINED = "grass"
 MODEL = ModelConfig(image_size=IMAGE_SIZE, coreset_ratio=0.1, max_coreset_size=500, num_keys=16, seed=0)
-TRAINING = TrainingConfig(batch_size=16)  # 12 images: 6 fit, 2 validation, 3 calibration, 1 audit
+TRAINING = TrainingConfig(batch_size=16)  # 12 images: 7 fit, 1 validation, 4 calibration (role_sizes)
 SPEC = InputSpec(backbone="efficientnet_lite0", resize="letterbox", height=IMAGE_SIZE, width=IMAGE_SIZE)
 
 
@@ -94,19 +95,36 @@ def test_split_roles_disjoint_deterministic_and_capped(tmp_path: Path) -> None:
     config = TrainingConfig(max_train_images=20)
     splits = split_roles(paths, config, seed=3)
     sizes = [len(getattr(splits, role)) for role in ROLES]
-    assert sizes == [10, 3, 5, 2] and len(splits.unused) == 20
+    # floors ask for far more than half of 20: the held-out half is shared in proportion, calibration first
+    assert sizes == [10, 2, 8, 0, 0] and len(splits.unused) == 20
     everything = [p for role in (*ROLES, "unused") for p in getattr(splits, role)]
     assert sorted(everything) == sorted(paths) and len(set(everything)) == len(paths)  # disjoint, complete
     assert split_roles(paths, config, seed=3) == splits
     assert split_roles(paths, config, seed=4) != splits
     capped = split_roles(paths, config, seed=3, limit=8)
-    assert [len(getattr(capped, r)) for r in ROLES] == [4, 1, 2, 1] and len(capped.unused) == 32
+    assert [len(getattr(capped, r)) for r in ROLES] == [4, 1, 3, 0, 0] and len(capped.unused) == 32
     tiny = split_roles(paths[:4], config, 0)
-    assert [len(getattr(tiny, r)) for r in ROLES] == [2, 1, 1, 0]  # fit >= 2, one each to validate and calibrate
+    assert [len(getattr(tiny, r)) for r in ROLES] == [2, 1, 1, 0, 0]  # fit >= 2, one each to validate and calibrate
+    held = split_roles(paths, TrainingConfig(), seed=3, hold_back=10)
+    assert not set(held.unused) & {p for r in ROLES for p in getattr(held, r)}
+    assert len(held.unused) == 10 and sum(len(getattr(held, r)) for r in ROLES) == 30  # no cap: every other image
     with pytest.raises(ValueError, match="at least 4"):
         split_roles(paths[:3], config, 0)
-    with pytest.raises(ValueError, match="audit"):
-        TrainingConfig(fit_fraction=0.6, validation_fraction=0.2, calibration_fraction=0.2)
+    with pytest.raises(ValueError, match="fit split"):
+        TrainingConfig(validation_fraction=0.2, calibration_fraction=0.3, audit_fraction=0.1)
+
+
+def test_every_image_is_used_with_floors_and_statistics_only_for_aligned_products() -> None:
+    config = TrainingConfig()
+    assert role_sizes(1000, config, aligned=True) == {"fit": 568, "validation": 100, "calibration": 200,
+                                                      "statistics": 100, "audit": 32}
+    assert role_sizes(1000, config, aligned=False)["fit"] == 668  # no statistics: fit takes them
+    sizes = role_sizes(600, config, aligned=False)  # calibration's floor holds where the images exist
+    assert sizes["calibration"] >= 100 and sizes["fit"] == 600 - sum(v for k, v in sizes.items() if k != "fit")
+    assert sizes["fit"] >= 300  # the held-out roles never take more than half
+    small = role_sizes(300, config, aligned=True)  # floors ask more than half: shared in proportion
+    assert sum(small.values()) == 300 and small["fit"] == 150 and small["calibration"] > small["validation"]
+    assert role_sizes(12, config, aligned=True)["statistics"] == 0  # too few maps for a spread: they fit
 
 
 def test_bad_training_files_are_skipped_by_name(tmp_path: Path, data_root: Path) -> None:
@@ -184,7 +202,8 @@ def test_a_bad_file_is_replaced_by_the_next_image_not_left_in_a_role(tmp_path: P
     (tmp_path / "empty.png").unlink()
     for limit in (None, 8):
         images = load_task_images(tmp_path, TRAINING, seed=3, limit=limit)
-        assert images.splits == split_roles(good, TRAINING, seed=3, limit=limit) and images.skipped == {}
+        assert images.splits == split_roles(good, TRAINING, seed=3, limit=limit, aligned=images.aligned)
+        assert images.skipped == {} and images.aligned  # noise images of one size
 
 
 def test_twenty_good_images_and_an_empty_file_train(backbones: Backbones, tmp_path: Path) -> None:
@@ -210,8 +229,9 @@ def test_trained_artifacts_shape_spec_and_meta(trained, backbones: Backbones) ->
         assert artifacts.keys.dtype == np.float32
         assert len({k.tobytes() for k in artifacts.keys}) == MODEL.num_keys  # distinct keys
         meta = artifacts.meta
-        assert (meta["num_fit_images"], meta["num_validation_images"], meta["num_calibration_images"]) == (6, 2, 3)
-        assert [len(meta["splits"][r]) for r in (*ROLES, "unused")] == [6, 2, 3, 1, 0]
+        assert (meta["num_fit_images"], meta["num_validation_images"], meta["num_calibration_images"]) == (7, 1, 4)
+        assert [len(meta["splits"][r]) for r in (*ROLES, "unused")] == [7, 1, 4, 0, 0, 0]
+        assert meta["image_decision"] == artifacts.image_decision.describe() and meta["frame_budget_ms"] == 250.0
         assert meta["model_config"] == MODEL.model_dump() and meta["expert_ms_per_frame"] > 0
         assert artifacts.spec == SPEC and artifacts.input_spec == SPEC
         fractions = [f for f, _ in progress]
@@ -225,7 +245,7 @@ def test_calibration_uses_only_the_calibration_split(trained, backbones: Backbon
         folder = data_root / category / "train" / "good"
         names = artifacts.meta["splits"]
         calibration = artifacts.calibration
-        assert len(calibration.normal_scores) == len(names["calibration"]) == 3
+        assert len(calibration.normal_scores) == len(names["calibration"]) == 4
         expert = load_expert("patchcore", artifacts.expert_state)
         identifier = KeyTaskIdentifier({"self": artifacts.keys}, {"self": float("inf")})
 
@@ -233,7 +253,8 @@ def test_calibration_uses_only_the_calibration_split(trained, backbones: Backbon
             frames, _, _ = load_frames([folder / n for n in names[role]], 32)
             outputs = run_on_frames(expert, artifacts.spec, backbones, frames)
             distances = identifier.distances(routing_tokens(backbones, frames, MODEL, 16))[:, 0]
-            return np.sort(outputs.scores), np.sort([m.max() for m in outputs.maps]), distances.numpy()
+            scores = artifacts.image_decision.scores(outputs.scores, outputs.maps)  # the task's own decision
+            return np.sort(scores), np.sort([m.max() for m in outputs.maps]), distances.numpy()
 
         scores, peaks, distances = scores_of("calibration")
         np.testing.assert_allclose(calibration.normal_scores, scores, rtol=1e-5)

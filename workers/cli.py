@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -94,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("--replace", action="store_true", help="add: retrain an existing category")
     control.add_argument("--task-version", type=int, help="rollback: the task version to serve again "
                          "(`inspection store history CATEGORY` lists them)")
+    control.add_argument("--frame-budget-ms", type=float, help="add: the line's per-frame budget for this "
+                         "category's expert (default: the control worker's)")
     control.add_argument("--wait", type=float, default=0, help="seconds to wait for the command's outcome (0: don't)")
     _connection_options(control)
     control.set_defaults(handler=_control)
@@ -102,7 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--root", type=Path, default=Path("../shared/datasets"))
     bench.add_argument("--category", action="append", default=None, help="default: every category under --root")
     bench.add_argument("--expert", action="append", default=None, help="default: every expert")
-    bench.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images)
+    bench.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images,
+                       help="optional cap on each category's images (default: every one)")
+    bench.add_argument("--frame-budget-ms", type=float, action="append", default=None,
+                       help="per-frame budgets the automatic choice runs at, the first as the `auto` row "
+                       "(default: 250 and 2500, the default and a GPU-class budget)")
     bench.add_argument("--seed", type=int, default=ModelConfig().seed)
     bench.add_argument("--judge-all", action="store_true", help="also fit and test the candidates the automatic "
                        "choice leaves unfitted (over the per-frame budget or out of time)")
@@ -302,7 +309,7 @@ def _command_of(args: argparse.Namespace):
         if not args.train_dir:
             raise SystemExit("control add needs --train-dir")
         command = AddCategory(category=args.category, train_dir=str(Path(args.train_dir).resolve()),
-                              expert=args.expert, replace=args.replace)
+                              expert=args.expert, replace=args.replace, frame_budget_ms=args.frame_budget_ms)
     elif args.action == "remove":
         command = RemoveCategory(category=args.category)
     elif args.action == "threshold":
@@ -334,8 +341,14 @@ def _bench(args: argparse.Namespace) -> int:
     from pipeline.experts import EXPERT_TYPES
     from pipeline.features.backbone import Backbones
 
+    from pipeline.evaluation.benchmark import GPU_CLASS_FRAME_BUDGET_MS
+    from schemas.config import DEFAULT_FRAME_BUDGET_MS
+
     model = ModelConfig(seed=args.seed)
     training = TrainingConfig(max_train_images=args.max_train_images)
+    budgets = args.frame_budget_ms or [DEFAULT_FRAME_BUDGET_MS, GPU_CLASS_FRAME_BUDGET_MS]
+    if not all(math.isfinite(b) and b > 0 for b in budgets):
+        raise SystemExit("--frame-budget-ms takes finite numbers > 0")
     backbones = Backbones.pretrained()
     from workers.progress import bars_disabled, fraction_bar
 
@@ -347,12 +360,12 @@ def _bench(args: argparse.Namespace) -> int:
                 on_row=lambda row: log.info("%s/%s @ %s: image AUROC %.4f, recall@1%%FAR %.3f, %.0f ms/frame",
                                             row.category, row.expert, row.spec, row.image_auroc,
                                             row.recall_at_1pct_far, row.ms_per_frame),
-                on_progress=on_progress, judge_all=args.judge_all,
+                on_progress=on_progress, judge_all=args.judge_all, frame_budgets_ms=budgets,
             )
     print(markdown_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "max_train_images": args.max_train_images,
-                                         "rows": rows_as_dicts(rows)}, indent=2))
+                                         "frame_budgets_ms": budgets, "rows": rows_as_dicts(rows)}, indent=2))
     return 0
 
 

@@ -192,24 +192,30 @@ class ControlWorker:
     def _add(self, command: AddCategory) -> None:
         if command.category in self.store.manifest().tasks and not command.replace:
             raise CommandRejected(f"category {command.category!r} exists; send replace=true to retrain it")
-        self._train(command, Path(command.train_dir), command.expert, command.false_alarm_rate, command.max_train_images)
+        self._train(command, Path(command.train_dir), command.expert, command.false_alarm_rate, command.max_train_images,
+                    command.frame_budget_ms)
 
     def _choose_expert(self, command: ChooseExpert) -> None:
         entry = self._entry(command.category)
         artifacts = self.store.load_task(entry)
         self._train(command, Path(artifacts.meta["train_dir"]), command.expert,
-                    artifacts.calibration.false_alarm_rate, artifacts.meta.get("max_train_images"))
+                    artifacts.calibration.false_alarm_rate, artifacts.meta.get("max_train_images"),
+                    artifacts.meta.get("frame_budget_ms"))
 
-    def _train(self, command: ControlCommand, train_dir: Path, expert: str | None, far: float, limit: int | None) -> None:
-        """Train and publish one task; `expert` None = automatic choice among all experts."""
+    def _train(self, command: ControlCommand, train_dir: Path, expert: str | None, far: float, limit: int | None,
+               frame_budget_ms: float | None = None) -> None:
+        """Train and publish one task; `expert` None = automatic choice among all experts; `frame_budget_ms`
+        None = the worker's default per-frame budget."""
         if not train_dir.is_dir():
             raise CommandRejected(f"train_dir {str(train_dir)!r} is not a readable folder")
         how = expert or "an automatically chosen expert"
         self._event(command, EventKind.STARTED, f"training {command.category!r} with {how} from {train_dir}",
                     progress=0.0, details={"expert": expert or "auto"})
         started = time.perf_counter()
+        training = self.training if frame_budget_ms is None else self.training.model_copy(
+            update={"expert_budget_ms": frame_budget_ms})
         task = train_task(
-            command.category, train_dir, expert, self.backbones, self.model, self.training, far, limit,
+            command.category, train_dir, expert, self.backbones, self.model, training, far, limit,
             on_progress=lambda fraction, message: self._event(command, EventKind.PROGRESS, message, progress=fraction),
         )
         version = self.store.publish(task, command_id=command.command_id)
@@ -235,6 +241,8 @@ class ControlWorker:
                 "stored_bytes": entry.size_bytes,
                 "num_fit_images": task.meta["num_fit_images"],
                 "num_calibration_images": task.meta["num_calibration_images"],
+                "image_decision": task.meta["image_decision"],
+                "frame_budget_ms": training.expert_budget_ms,
             },
         )
 

@@ -8,11 +8,14 @@ cut-paste, so validating on those would favour it). Frames go through the live p
 (pipeline.experts.frames) at full resolution, which also measures each candidate's cost per frame.
 
 The score is (2 x image AUROC + pixel AUROC) / 3: whether a part is defective comes first, where second.
-Candidates are tried cheapest first (by their backbone's measured cost); one whose expert stage costs
-more than `expert_budget_ms` per frame is not eligible, and once the time to add the task would pass
-`add_budget_s`, no further candidate is tried (choose() says how both are estimated before fitting).
-Real anomalies are never seen. Every candidate's
-result travels with the task's metadata and the training events.
+Each fitted candidate also gets its image decision (pipeline.core.decision: the expert's own score or
+one read from its map, position-aware for aligned products), chosen on the same validation frames, and
+is judged with it. Candidates are tried cheapest first; one whose expert stage costs more than the
+line's per-frame budget (`expert_budget_ms`) is not eligible, and once the add would pass its budget, no
+further candidate is tried. Both costs are estimated from the candidates' counted work and this machine's
+measured speed (pipeline.core.cost), never from wall time during the add, so the choice does not move
+with the machine's load. Real anomalies are never seen. Every candidate's result travels with the task's
+metadata and the training events.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.data.metrics import pixel_metrics, roc_auc
+from pipeline.core.cost import MachineSpeed, Work, counted
+from pipeline.core.decision import ImageDecision, MapStatistics, choose_decision
+from pipeline.data.metrics import pixel_metrics
 from pipeline.data.validation_anomalies import make_validation_anomalies
 from pipeline.experts import EXPERT_TYPES, Expert, build_expert
 from pipeline.experts.frames import fit_batches, run_on_frames, view_batches
@@ -53,10 +58,14 @@ class CandidateResult:
     expert: str
     spec: InputSpec
     status: str  # "ok", "over_budget" (too slow per frame), "skipped" (add budget spent), "failed"
-    image_auroc: float = math.nan
+    image_auroc: float = math.nan  # with its image decision
     pixel_auroc: float = math.nan
-    ms_per_frame: float = math.nan
-    fit_seconds: float = math.nan
+    ms_per_frame: float = math.nan  # estimated from its work (pipeline.core.cost): what the budget judges
+    fit_seconds: float = math.nan  # estimated likewise: what the add budget judges
+    measured_ms_per_frame: float = math.nan  # wall time on the validation frames, for information only
+    measured_fit_seconds: float = math.nan
+    decision: str = ""  # the image decision chosen on validation (ImageDecision.describe)
+    decision_aurocs: dict = field(default_factory=dict)  # validation image AUROC of every decision tried
     detail: str = ""
     summary: dict = field(default_factory=dict)
 
@@ -72,13 +81,16 @@ class CandidateResult:
         head = f"{self.expert} @ {self.spec.describe()}"
         if math.isnan(self.image_auroc):
             return f"{head}: {self.status} {self.detail}".strip()
-        text = f"{head}: {self.score:.4f} (image {self.image_auroc:.4f}, pixel {self.pixel_auroc:.4f}, {self.ms_per_frame:.0f} ms/frame)"
+        text = (f"{head}: {self.score:.4f} (image {self.image_auroc:.4f} by {self.decision}, pixel {self.pixel_auroc:.4f}, "
+                f"{self.ms_per_frame:.0f} ms/frame)")
         return text if self.status == "ok" else f"{text} {self.status} {self.detail}".strip()
 
     def as_dict(self) -> dict:
         return {"expert": self.expert, "spec": self.spec.model_dump(), "status": self.status,
                 "image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "score": self.score,
-                "ms_per_frame": self.ms_per_frame, "fit_seconds": self.fit_seconds, "detail": self.detail}
+                "ms_per_frame": self.ms_per_frame, "fit_seconds": self.fit_seconds,
+                "measured_ms_per_frame": self.measured_ms_per_frame, "measured_fit_seconds": self.measured_fit_seconds,
+                "decision": self.decision, "decision_aurocs": self.decision_aurocs, "detail": self.detail}
 
 
 @dataclass
@@ -87,6 +99,11 @@ class Selection:
     chosen: CandidateResult
     results: list[CandidateResult]  # every candidate, in order
     fitted: list[Expert | None]  # aligned with results: the fitted expert (None: not fitted); benchmarks read it
+    decisions: list[ImageDecision | None]  # aligned with results: each fitted candidate's image decision
+
+    @property
+    def decision(self) -> ImageDecision:
+        return self.decisions[self.results.index(self.chosen)]
 
 
 @dataclass
@@ -94,15 +111,20 @@ class ValidationSet:
     normal: list[np.ndarray]  # decoded frames at their own resolution
     anomalous: list[np.ndarray]
     masks: list[np.ndarray]  # one H x W bool mask per anomalous frame
+    statistics: list[np.ndarray] = field(default_factory=list)  # normal frames for per-position map statistics
 
     @property
     def frames(self) -> list[np.ndarray]:
         return self.normal + self.anomalous
 
+    @property
+    def labels(self) -> list[bool]:
+        return [False] * len(self.normal) + [True] * len(self.anomalous)
 
-def make_validation_set(normal: list[np.ndarray], seed: int) -> ValidationSet:
+
+def make_validation_set(normal: list[np.ndarray], seed: int, statistics: Sequence[np.ndarray] = ()) -> ValidationSet:
     anomalous, masks = make_validation_anomalies(normal, seed)
-    return ValidationSet(normal, anomalous, masks)
+    return ValidationSet(normal, anomalous, masks, list(statistics))
 
 
 # ------------------------------------------------------------------------------------------ candidates
@@ -156,22 +178,55 @@ def default_candidates(frames: Sequence[np.ndarray], expert: str | None, spec: I
 
 
 # ------------------------------------------------------------------------------------------ judging
+@dataclass
+class Judgement:
+    image_auroc: float
+    pixel_auroc: float
+    decision: ImageDecision
+    decision_aurocs: dict[str, float]
+    work: Work  # of the validation frames' pass, statistics frames included
+    wall_seconds: float
+
+
 def evaluate(expert: Expert, spec: InputSpec, validation: ValidationSet, backbones: Backbones,
-             batch_size: int) -> tuple[float, float, float]:
-    """Image AUROC, pixel AUROC (frame-resolution masks) and ms per frame through the live path."""
+             batch_size: int) -> Judgement:
+    """The candidate on the validation frames through the live path: its image decision (per-position
+    statistics from the statistics frames, when there are any), image AUROC with that decision, pixel
+    AUROC (frame-resolution masks), and the work it did."""
     started = time.perf_counter()
-    outputs = run_on_frames(expert, spec, backbones, validation.frames, batch_size)
-    ms_per_frame = 1000 * (time.perf_counter() - started) / len(validation.frames)
-    labels = [False] * len(validation.normal) + [True] * len(validation.anomalous)
+    outputs, work = counted(lambda: run_on_frames(expert, spec, backbones, validation.frames, batch_size))
+    wall = time.perf_counter() - started
+    statistics, statistics_work = _map_statistics(expert, spec, validation.statistics, backbones, batch_size)
+    decision, aurocs = choose_decision(validation.labels, outputs.scores, outputs.maps, statistics)
     masks = [np.zeros(f.shape[:2], dtype=bool) for f in validation.normal] + validation.masks
     pixel_auroc = pixel_metrics(masks, outputs.maps)["pixel_auroc"]
-    return roc_auc(labels, outputs.scores), pixel_auroc, ms_per_frame
+    return Judgement(aurocs[decision.describe()], pixel_auroc, decision, aurocs, work + statistics_work, wall)
 
 
-def _probe_ms(spec: InputSpec, backbones: Backbones, frames: Sequence[np.ndarray], batch_size: int) -> float:
-    """The backbone's ms per frame at this spec on a few frames: a lower bound on the expert stage's cost.
-    ViT specs run the ViT to its last block (experts run it themselves, so view_batches does not). The
-    first pass at a new input size is not timed (the CPU kernels are set up for each shape once)."""
+@dataclass
+class Fitted:
+    """A candidate fitted and judged: deterministic, so a second choice (another frame budget) reuses it."""
+
+    expert: Expert
+    judgement: Judgement
+    work: Work  # of its fit, its spec's fit features included when it computed them
+    wall_seconds: float  # measured fit time, for information
+
+
+FitCache = dict[Candidate, Fitted]
+
+
+def _map_statistics(expert: Expert, spec: InputSpec, frames: Sequence[np.ndarray], backbones: Backbones,
+                    batch_size: int) -> tuple[MapStatistics | None, Work]:
+    if not frames:
+        return None, Work()
+    outputs, work = counted(lambda: run_on_frames(expert, spec, backbones, frames, batch_size))
+    return MapStatistics.from_maps(outputs.maps), work
+
+
+def _probe(spec: InputSpec, backbones: Backbones, frames: Sequence[np.ndarray], batch_size: int) -> Work:
+    """The backbone's work per frame at this spec on a few frames: a lower bound on the expert stage's.
+    ViT specs run the ViT to its last block (experts run it themselves, so view_batches does not)."""
     probe = list(frames[:2])
 
     def run() -> None:
@@ -181,10 +236,7 @@ def _probe_ms(spec: InputSpec, backbones: Backbones, frames: Sequence[np.ndarray
                     vit = backbones.vit
                     vit.multi_layer_tokens(backbones.default.vit_pixels(features.pixels), (vit.num_layers - 1,))
 
-    run()
-    started = time.perf_counter()
-    run()
-    return 1000 * (time.perf_counter() - started) / len(probe)
+    return counted(run)[1].scaled(1.0 / len(probe))
 
 
 def choose(
@@ -194,75 +246,106 @@ def choose(
     backbones: Backbones,
     model: ModelConfig,
     training: TrainingConfig,
-    deadline: float,
+    budget_s: float,
+    speed: MachineSpeed,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
+    cache: FitCache | None = None,
 ) -> Selection:
     """Fit and judge candidates, cheapest first; the best eligible one wins, ties to the cheaper.
 
-    Each distinct spec's backbone cost is probed on two validation frames first, and candidates are tried
-    in order of that cost (stable: the given order on ties). The first is always fitted. A later one is not
-    when its estimated expert stage is over the per-frame budget (the backbone probe times the expert's
-    measured overhead on an earlier spec, when there is one), or when its estimated fit (the slowest seconds
-    per fit view so far, times its views) would pass the add budget. If no fitted candidate is within the budget
-    (a loaded machine), the fastest fitted one is kept and says so: adding a task never fails for want of
-    CPU."""
-    probes = {spec: _probe_ms(spec, backbones, validation.normal, training.batch_size)
-              for spec in dict.fromkeys(c.spec for c in candidates)}
-    views = {spec: _views_per_frame(spec, fit_frames) * len(fit_frames) for spec in probes}
-    order = sorted(range(len(candidates)), key=lambda i: probes[candidates[i].spec])
+    Costs are estimates from counted work at this machine's `speed`, never wall time. Each distinct
+    spec's backbone work is probed on two validation frames first, and candidates are tried in order of
+    its cost (stable: the given order on ties). The first is always fitted. A later one is not when its
+    estimated expert stage is over the per-frame budget (the backbone probe times the expert's overhead on
+    an earlier spec, when there is one), or when the work so far plus its estimated fit (the most seconds
+    per fit view so far, times its views) and validation would pass `budget_s`. If no fitted candidate is
+    within the per-frame budget, the fastest fitted one is kept and says so: adding a task never fails
+    for want of CPU. `cache`: candidates fitted by an earlier choice on the same data, reused (and filled)."""
+    cache = {} if cache is None else cache
+    specs = list(dict.fromkeys(c.spec for c in candidates))
+    probe_ms = {spec: 1000 * speed.seconds(_probe(spec, backbones, validation.normal, training.batch_size), spec.backbone)
+                for spec in specs}
+    views = {spec: _views_per_frame(spec, fit_frames) * len(fit_frames) for spec in specs}
+    order = sorted(range(len(candidates)), key=lambda i: probe_ms[candidates[i].spec])
     results: list[CandidateResult | None] = [None] * len(candidates)
     fitted: list[Expert | None] = [None] * len(candidates)
-    overhead: dict[str, float] = {}  # expert -> measured ms per frame / backbone probe ms
+    decisions: list[ImageDecision | None] = [None] * len(candidates)
+    overhead: dict[str, float] = {}  # expert -> estimated ms per frame / backbone probe ms
     seconds_per_view: list[float] = []
+    spent_s = 0.0  # estimated seconds of the work done so far
+    judged_frames = len(validation.frames) + len(validation.statistics)
     features: dict[InputSpec, list] = {}  # fit features per spec, shared by experts on the same spec
     for step, index in enumerate(order):
         candidate = candidates[index]
         for spec in [s for s in features if all(candidates[j].spec != s for j in order[step:])]:
             del features[spec]  # no later candidate reads them: free the memory
         result = results[index] = CandidateResult(candidate.expert, candidate.spec, "ok")
-        probe = probes[candidate.spec]
+        probe = probe_ms[candidate.spec]
         if step > 0:
             estimate = probe * overhead.get(candidate.expert, 1.0)
-            # the slowest fit per view so far: experts' fits differ by 3x (FCDD vs PatchCore), so the mean overran
-            fit_estimate = float(np.max(seconds_per_view)) * views[candidate.spec] if seconds_per_view else 0.0
+            # the most per view so far: experts' fits differ by 3x (FCDD vs PatchCore), so the mean overran
+            fit_estimate = max(seconds_per_view, default=0.0) * views[candidate.spec]
             if estimate > training.expert_budget_ms:
                 result.status, result.ms_per_frame = "over_budget", estimate
                 result.detail = f"estimated {estimate:.0f} ms/frame (backbone {probe:.0f}) > {training.expert_budget_ms:.0f}"
-            elif time.perf_counter() + fit_estimate + probe * len(validation.frames) / 1000 > deadline:
-                result.status, result.detail = "skipped", f"the add budget would be spent (fit estimated {fit_estimate:.0f} s)"
+            elif spent_s + fit_estimate + estimate * judged_frames / 1000 > budget_s:
+                result.status = "skipped"
+                result.detail = (f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far, "
+                                 f"fit estimated {fit_estimate:.0f} s)")
             if result.status != "ok":
                 on_progress(0.2, f"candidate {result.line()}")
                 continue
         try:
-            expert = build_expert(candidate.expert, model)
-            started = time.perf_counter()
-            if candidate.spec not in features:
-                features[candidate.spec] = fit_batches(fit_frames, candidate.spec, backbones, training.batch_size)
-            expert.fit(features[candidate.spec], backbones.for_spec(candidate.spec.backbone))
-            result.fit_seconds = time.perf_counter() - started
-            result.summary = expert.fit_summary()
-            result.image_auroc, result.pixel_auroc, result.ms_per_frame = evaluate(
-                expert, candidate.spec, validation, backbones, training.batch_size)
+            if candidate not in cache:
+                cache[candidate] = _fit_and_judge(candidate, fit_frames, validation, backbones, model, training, features)
+            done = cache[candidate]
         except Exception as error:  # noqa: BLE001 - one candidate failing must not fail the task
             if len(candidates) == 1:
                 raise
             result.status, result.detail = "failed", f"{type(error).__name__}: {error}"
             on_progress(0.2, f"candidate {result.line()}")
             continue
-        fitted[index] = expert
+        expert, judgement, backbone = done.expert, done.judgement, candidate.spec.backbone
+        result.summary, result.measured_fit_seconds = expert.fit_summary(), done.wall_seconds
+        result.fit_seconds = speed.seconds(done.work, backbone)
+        judged_s = speed.seconds(judgement.work, backbone)
+        result.ms_per_frame = 1000 * judged_s / judged_frames
+        result.image_auroc, result.pixel_auroc = judgement.image_auroc, judgement.pixel_auroc
+        result.decision, result.decision_aurocs = judgement.decision.describe(), judgement.decision_aurocs
+        result.measured_ms_per_frame = 1000 * judgement.wall_seconds / len(validation.frames)
+        spent_s += result.fit_seconds + judged_s
+        fitted[index], decisions[index] = expert, judgement.decision
         overhead.setdefault(candidate.expert, result.ms_per_frame / max(probe, 1e-3))
         seconds_per_view.append(result.fit_seconds / max(views[candidate.spec], 1))
         if result.ms_per_frame > training.expert_budget_ms:
             result.status, result.detail = "over_budget", f"{result.ms_per_frame:.0f} ms/frame > {training.expert_budget_ms:.0f}"
         on_progress(0.2 + 0.6 * (step + 1) / len(candidates), f"candidate {result.line()}")
-    return _select(results, fitted, order)  # every candidate has its result by now
+    return _select(results, fitted, decisions, order)  # every candidate has its result by now
+
+
+def _fit_and_judge(candidate: Candidate, fit_frames: list[np.ndarray], validation: ValidationSet,
+                   backbones: Backbones, model: ModelConfig, training: TrainingConfig,
+                   features: dict[InputSpec, list]) -> Fitted:
+    """The candidate fitted (its spec's fit features computed once, their work charged to the first
+    expert that needed them) and judged."""
+    expert = build_expert(candidate.expert, model)
+    started = time.perf_counter()
+    fit_work = Work()
+    if candidate.spec not in features:
+        features[candidate.spec], fit_work = counted(
+            lambda: fit_batches(fit_frames, candidate.spec, backbones, training.batch_size))
+    _, expert_work = counted(lambda: expert.fit(features[candidate.spec], backbones.for_spec(candidate.spec.backbone)))
+    wall = time.perf_counter() - started
+    return Fitted(expert, evaluate(expert, candidate.spec, validation, backbones, training.batch_size),
+                  fit_work + expert_work, wall)
 
 
 def _views_per_frame(spec: InputSpec, frames: Sequence[np.ndarray]) -> int:
     return len(frame_views(frames[0], spec)) if frames else 1
 
 
-def _select(results: list[CandidateResult], fitted: list[Expert | None], order: list[int]) -> Selection:
+def _select(results: list[CandidateResult], fitted: list[Expert | None], decisions: list[ImageDecision | None],
+            order: list[int]) -> Selection:
     rank = {index: step for step, index in enumerate(order)}  # ties go to the candidate tried first (cheaper)
     eligible = [i for i, r in enumerate(results) if r.status == "ok" and fitted[i] is not None]
     if eligible:
@@ -273,4 +356,4 @@ def _select(results: list[CandidateResult], fitted: list[Expert | None], order: 
             raise RuntimeError("no candidate expert could be fitted: " + "; ".join(r.line() for r in results))
         best = min(tried, key=lambda i: results[i].ms_per_frame)
         results[best].detail += "; kept as the fastest: no candidate was within the budget"
-    return Selection(fitted[best], results[best], results, fitted)
+    return Selection(fitted[best], results[best], results, fitted, decisions)

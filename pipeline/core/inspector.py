@@ -145,6 +145,7 @@ class Inspector:
     def _run_expert(self, task: LoadedTask, images: list[np.ndarray], matches: list[TaskMatch],
                     shared: FeatureBatch | None) -> list[Inspection]:
         output = run_on_frames(task.expert, task.spec, self.backbones, images, self.batch_size, shared)
+        scores = task.artifacts.image_decision.scores(output.scores, output.maps)
         calibration = task.artifacts.calibration
         return [
             Inspection(
@@ -159,5 +160,5 @@ class Inspector:
                 map_max_score=calibration.map_max_score,
                 task_version=task.entry.task_version,
             )
-            for match, score, score_map in zip(matches, output.scores, output.maps)
+            for match, score, score_map in zip(matches, scores, output.maps)
         ]

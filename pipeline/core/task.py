@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.core.calibration import Calibration
+from pipeline.core.decision import ImageDecision
 from pipeline.common.serialization import array_sizes, pack, unpack
 from schemas.spec import InputSpec, legacy_spec
 
@@ -22,6 +23,12 @@ class TaskArtifacts:
     meta: dict = field(default_factory=dict)  # provenance: train_dir, image counts, timings, config
     spec: InputSpec | None = None  # how frames reach the expert; None: a task stored before specs existed
     audit: bytes | None = None  # AuditSet.to_bytes() (pipeline/core/audit.py); None: stored before audit sets
+    decision: ImageDecision | None = None  # None: stored before image decisions (the expert's own score)
+
+    @property
+    def image_decision(self) -> ImageDecision:
+        """The stored decision, or for older tasks the expert's own score they were calibrated on."""
+        return self.decision or ImageDecision()
 
     @property
     def input_spec(self) -> InputSpec:
@@ -49,6 +56,8 @@ class TaskArtifacts:
             blobs["spec"] = self.spec.model_dump_json().encode()
         if self.audit is not None:
             blobs["audit"] = self.audit
+        if self.decision is not None:
+            blobs["decision"] = self.decision.to_bytes()
         return blobs
 
     @classmethod
@@ -63,4 +72,5 @@ class TaskArtifacts:
             meta=json.loads(blobs["meta"]),
             spec=InputSpec.model_validate_json(blobs["spec"]) if "spec" in blobs else None,
             audit=blobs.get("audit"),
+            decision=ImageDecision.from_bytes(blobs["decision"]) if "decision" in blobs else None,
         )

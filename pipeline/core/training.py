@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from pipeline.core.calibration import Calibration
+from pipeline.core.cost import MachineSpeed, counted
+from pipeline.core.decision import ImageDecision
 from pipeline.core.expert_selection import choose, default_candidates, make_validation_set
 from pipeline.core.audit import make_audit_set
 from pipeline.core.task import TaskArtifacts
@@ -42,8 +44,10 @@ _MAX_TRAIN_PIXELS = InferenceConfig.model_fields["max_frame_pixels"].default
 _MAX_BYTES_PER_PIXEL = 8
 _METADATA_ALLOWANCE = 16 * 1024 * 1024
 MIN_TASK_IMAGES = 4  # the role split's minimum: 2 to fit, 1 to validate, 1 to calibrate (audit may be empty)
+MIN_STATISTICS_IMAGES = 5  # fewer maps give no per-position spread worth dividing by: they fit instead
 _LISTED_SKIPS = 10  # skipped files named in an error message; the rest are counted
-ROLES = ("fit", "validation", "calibration", "audit")
+ROLES = ("fit", "validation", "calibration", "statistics", "audit")
+_HELD_OUT = ROLES[1:]
 CALIBRATION_RESERVE = 0.2  # of the add budget, kept for calibrating the chosen expert and publishing
 
 
@@ -52,42 +56,77 @@ class Splits:
     fit: list[Path]
     validation: list[Path]
     calibration: list[Path]
+    statistics: list[Path]  # per-position map statistics (aligned products only; else empty)
     audit: list[Path]
-    unused: list[Path]  # never read by training: extra normal images for evaluation
+    unused: list[Path]  # never read by training: held back or over an operator's cap
 
     def names(self) -> dict[str, list[str]]:
         return {role: [p.name for p in getattr(self, role)] for role in (*ROLES, "unused")}
 
 
-def split_roles(paths: Sequence[Path], config: TrainingConfig, seed: int, limit: int | None = None) -> Splits:
-    """Seeded shuffle, cap at `limit` (default config.max_train_images), then the four roles. Each of
-    validation and calibration gets at least one image, fit at least two; audit may be empty."""
-    cap = min(len(paths), limit or config.max_train_images)
+def role_sizes(n: int, config: TrainingConfig, aligned: bool) -> dict[str, int]:
+    """How many of `n` images each role gets. Each held-out role asks for its fraction of n or its floor
+    (statistics only for aligned products, audit up to its cap); together they may take at most
+    `max_held_out_fraction` of n, shared in proportion to what they ask when the floors ask more, with at
+    least one image each to validate and to calibrate. A statistics role too small to give a spread goes
+    to fit, and fit takes the rest (at least 2)."""
+    if n < MIN_TASK_IMAGES:
+        raise ValueError(f"need at least {MIN_TASK_IMAGES} normal images, found {n}")
+    wanted = {
+        "validation": max(round(n * config.validation_fraction), config.min_validation_images),
+        "calibration": max(round(n * config.calibration_fraction), config.min_calibration_images),
+        "statistics": max(round(n * config.statistics_fraction), config.min_statistics_images) if aligned else 0,
+        "audit": min(round(n * config.audit_fraction), config.max_audit_images),
+    }
+    room = max(2, min(n - 2, int(n * config.max_held_out_fraction)))
+    sizes = wanted if sum(wanted.values()) <= room else _apportion(wanted, room)
+    for role in ("validation", "calibration"):
+        if sizes[role] == 0:  # take the one image from the largest other role
+            donor = max(sizes, key=sizes.get)
+            sizes[donor] -= 1
+            sizes[role] = 1
+    if sizes["statistics"] < MIN_STATISTICS_IMAGES:
+        sizes["statistics"] = 0
+    return {"fit": n - sum(sizes.values()), **sizes}
+
+
+def _apportion(wanted: dict[str, int], room: int) -> dict[str, int]:
+    """`room` shared in proportion to `wanted` (largest remainders, ties in role order)."""
+    total = sum(wanted.values())
+    quotas = {role: count * room / total for role, count in wanted.items()}
+    sizes = {role: int(q) for role, q in quotas.items()}
+    by_remainder = sorted(quotas, key=lambda role: sizes[role] - quotas[role])
+    for role in by_remainder[: room - sum(sizes.values())]:
+        sizes[role] += 1
+    return sizes
+
+
+def split_roles(paths: Sequence[Path], config: TrainingConfig, seed: int, limit: int | None = None,
+                aligned: bool = False, hold_back: int = 0) -> Splits:
+    """Seeded shuffle; the first `hold_back` set aside unread (evaluation's extra normals); cap at `limit`
+    (default config.max_train_images, None: no cap); then the roles (role_sizes)."""
+    held, shuffled = _held_back(paths, seed, hold_back)
+    cap = _cap(len(shuffled), limit or config.max_train_images)
     if cap < MIN_TASK_IMAGES:
-        raise ValueError(f"need at least {MIN_TASK_IMAGES} normal images, found {len(paths)}")
-    shuffled = _shuffled(paths, seed)
-    return _assign_roles(shuffled[:cap], shuffled[cap:], config)
+        raise ValueError(f"need at least {MIN_TASK_IMAGES} normal images, found {cap}")
+    return _assign_roles(shuffled[:cap], held + shuffled[cap:], config, aligned)
 
 
-def _shuffled(paths: Sequence[Path], seed: int) -> list[Path]:
-    return [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
+def _held_back(paths: Sequence[Path], seed: int, hold_back: int) -> tuple[list[Path], list[Path]]:
+    shuffled = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
+    return shuffled[:hold_back], shuffled[hold_back:]
 
 
-def _assign_roles(chosen: list[Path], unused: list[Path], config: TrainingConfig) -> Splits:
+def _cap(count: int, limit: int | None) -> int:
+    return count if limit is None else min(count, limit)
+
+
+def _assign_roles(chosen: list[Path], unused: list[Path], config: TrainingConfig, aligned: bool) -> Splits:
     """The roles by position in `chosen` (already shuffled, at least MIN_TASK_IMAGES long)."""
-    cap = len(chosen)
-    n_val = max(1, round(cap * config.validation_fraction))
-    n_cal = max(1, round(cap * config.calibration_fraction))
-    n_fit = max(2, round(cap * config.fit_fraction))
-    n_fit = min(n_fit, cap - n_val - n_cal)
-    bounds = np.cumsum([n_fit, n_val, n_cal])
-    return Splits(
-        fit=chosen[: bounds[0]],
-        validation=chosen[bounds[0] : bounds[1]],
-        calibration=chosen[bounds[1] : bounds[2]],
-        audit=chosen[bounds[2] :],
-        unused=unused,
-    )
+    sizes = role_sizes(len(chosen), config, aligned)
+    bounds = np.cumsum([sizes[role] for role in ROLES])
+    starts = [0, *bounds[:-1]]
+    return Splits(**{role: chosen[a:b] for role, a, b in zip(ROLES, starts, bounds)}, unused=unused)
 
 
 class UnusableImage(ValueError):
@@ -142,21 +181,25 @@ def describe_skipped(skipped: dict[str, str], limit: int = _LISTED_SKIPS) -> str
 
 @dataclass
 class TaskImages:
-    """A task's normal images, split by role and decoded (fit, validation, calibration; audit and the
-    unused rest stay on disk)."""
+    """A task's normal images, split by role and decoded (every role but audit: its frames and the unused
+    rest stay on disk)."""
 
     splits: Splits
     frames: dict[str, list[np.ndarray]]
     skipped: dict[str, str]  # file name -> why it was left out
+    aligned: bool  # every usable frame of one size: per-position map statistics apply
 
 
-def load_task_images(train_dir: Path, training: TrainingConfig, seed: int, limit: int | None = None) -> TaskImages:
-    """Every file is checked before the roles are dealt, in the seeded order split_roles uses, until the
-    cap has that many usable images: a bad file is skipped by name and the next one takes its place, so
-    no role comes up short and no bad file hides in the audit split. Without bad files the split is
-    exactly split_roles'. Refuses (ValueError) when fewer than MIN_TASK_IMAGES are usable."""
-    shuffled = _shuffled(list_images(train_dir), seed)
-    cap = min(len(shuffled), limit or training.max_train_images)
+def load_task_images(train_dir: Path, training: TrainingConfig, seed: int, limit: int | None = None,
+                     hold_back: int = 0) -> TaskImages:
+    """Every file is checked before the roles are dealt, in the seeded order split_roles uses (after the
+    `hold_back` it sets aside unread), until the cap (if any) has that many usable images: a bad file is
+    skipped by name and the next one takes its place, so no role comes up short and no bad file hides in
+    the audit split. The product counts as aligned (a statistics role) when every usable frame has one
+    size. Without bad files the split is exactly split_roles'. Refuses (ValueError) when fewer than
+    MIN_TASK_IMAGES are usable."""
+    held, shuffled = _held_back(list_images(train_dir), seed, hold_back)
+    cap = _cap(len(shuffled), limit or training.max_train_images)
     decoded: dict[Path, np.ndarray] = {}
     skipped: dict[str, str] = {}
     screened = 0
@@ -174,10 +217,11 @@ def load_task_images(train_dir: Path, training: TrainingConfig, seed: int, limit
             f"{MIN_TASK_IMAGES} (2 to fit, 1 to validate, 1 to calibrate)"
             + (f". Skipped: {describe_skipped(skipped)}" if skipped else "")
         )
-    splits = _assign_roles(list(decoded), shuffled[screened:], training)
+    aligned = len({frame.shape[:2] for frame in decoded.values()}) == 1
+    splits = _assign_roles(list(decoded), held + shuffled[screened:], training, aligned)
     # The audit frames were decoded only to check them: they stay on disk, as before.
-    frames = {role: [decoded[p] for p in getattr(splits, role)] for role in ("fit", "validation", "calibration")}
-    return TaskImages(splits, frames, skipped)
+    frames = {role: [decoded[p] for p in getattr(splits, role)] for role in ROLES if role != "audit"}
+    return TaskImages(splits, frames, skipped, aligned)
 
 
 def routing_tokens(backbones: Backbones, images: Sequence[np.ndarray], model: ModelConfig, batch_size: int) -> torch.Tensor:
@@ -199,41 +243,49 @@ def train_task(
     max_train_images: int | None = None,
     on_progress: ProgressCallback = lambda fraction, message: None,
     spec: InputSpec | None = None,
+    speed: MachineSpeed | None = None,
 ) -> TaskArtifacts:
     """`expert_name` None: the automatic choice among every candidate; `spec` None: the expert's
-    candidate specs for these frames, chosen on validation (a named expert with one spec skips it)."""
+    candidate specs for these frames, chosen on validation (a named expert with one spec skips it).
+    `speed`: this machine's (MachineSpeed.cached by default), what candidates' work is costed at."""
     started = time.perf_counter()
+    speed = speed or MachineSpeed.cached(backbones)
     images = load_task_images(train_dir, training, model.seed, max_train_images)
     splits, frames, skipped = images.splits, images.frames, images.skipped
     on_progress(0.05, f"{len(frames['fit'])} images to fit, {len(frames['validation'])} to validate, "
-                      f"{len(frames['calibration'])} to calibrate, {len(splits.audit)} kept for audit"
-                      + (f"; skipped {describe_skipped(skipped)}" if skipped else ""))
+                      f"{len(frames['calibration'])} to calibrate, {len(frames['statistics'])} for map statistics, "
+                      f"{len(splits.audit)} kept for audit" + (f"; skipped {describe_skipped(skipped)}" if skipped else ""))
 
-    fit_tokens = routing_tokens(backbones, frames["fit"], model, training.batch_size)
+    fit_tokens, keys_work = counted(lambda: routing_tokens(backbones, frames["fit"], model, training.batch_size))
     keys = select_keys(fit_tokens, model.num_keys, model.seed)
     on_progress(0.15, f"{len(keys)} task keys from the routing pass")
 
     candidates = default_candidates(frames["fit"], expert_name, spec)
-    validation = make_validation_set(frames["validation"], model.seed)
-    # The choice may use the add budget but for what calibration and publishing need after it.
-    deadline = started + training.add_budget_s * (1.0 - CALIBRATION_RESERVE)
-    selection = choose(candidates, frames["fit"], validation, backbones, model, training, deadline, on_progress)
+    validation = make_validation_set(frames["validation"], model.seed, frames["statistics"])
+    # The choice may use the add budget (scaled with the frame budget) but for the keys' pass already done
+    # and what calibration and publishing need after it.
+    budget_s = training.scaled_add_budget_s * (1.0 - CALIBRATION_RESERVE) - speed.seconds(keys_work, "dense")
+    selection = choose(candidates, frames["fit"], validation, backbones, model, training, budget_s, speed, on_progress)
     expert, chosen, results = selection.expert, selection.chosen, selection.results
     summary = expert.fit_summary()
-    on_progress(0.8, f"chose {chosen.expert} at {chosen.spec.describe()}: validation score {chosen.score:.4f}, "
-                     f"{chosen.ms_per_frame:.0f} ms/frame (" + "; ".join(r.line() for r in results) + ")")
+    on_progress(0.8, f"chose {chosen.expert} at {chosen.spec.describe()} with {chosen.decision}: validation score "
+                     f"{chosen.score:.4f}, {chosen.ms_per_frame:.0f} ms/frame (" + "; ".join(r.line() for r in results) + ")")
 
-    calibration = calibrate(expert, chosen.spec, backbones, keys, frames["calibration"], model, training, false_alarm_rate)
+    calibration = calibrate(expert, chosen.spec, backbones, keys, frames["calibration"], model, training,
+                            false_alarm_rate, selection.decision)
     meta = {
         "train_dir": str(train_dir),
         "max_train_images": max_train_images,
+        "frame_budget_ms": training.expert_budget_ms,
         "num_fit_images": len(frames["fit"]),
         "num_validation_images": len(frames["validation"]),
         "num_calibration_images": len(frames["calibration"]),
+        "num_statistics_images": len(frames["statistics"]),
         "splits": splits.names(),
         "skipped_files": skipped,
         "fit_seconds": round(time.perf_counter() - started, 3),
         "expert_ms_per_frame": round(chosen.ms_per_frame, 2),
+        "image_decision": chosen.decision,
         "expert_choice": [r.as_dict() for r in results],
         "fit_summary": summary,
         "model_config": model.model_dump(),
@@ -243,19 +295,21 @@ def train_task(
     on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})"
                      f"; audit set of {meta['num_audit_frames']} frames")
     return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta, chosen.spec,
-                         None if audit is None else audit.to_bytes())
+                         None if audit is None else audit.to_bytes(), selection.decision)
 
 
 def calibrate(expert: Expert, spec: InputSpec, backbones: Backbones, keys: np.ndarray, images: list[np.ndarray],
-              model: ModelConfig, training: TrainingConfig, far: float) -> Calibration:
-    """Thresholds from the calibration frames through the live path (frame-resolution maps), and the
-    unknown bound from their routing distances to the task's own keys."""
+              model: ModelConfig, training: TrainingConfig, far: float,
+              decision: ImageDecision | None = None) -> Calibration:
+    """Thresholds from the calibration frames through the live path (frame-resolution maps, the task's
+    image decision), and the unknown bound from their routing distances to the task's own keys."""
     outputs = run_on_frames(expert, spec, backbones, images, training.batch_size)
+    scores = (decision or ImageDecision()).scores(outputs.scores, outputs.maps)
     peaks = np.array([float(m.max()) for m in outputs.maps])
     identifier = KeyTaskIdentifier({"self": keys}, {"self": float("inf")})
     distances = identifier.distances(routing_tokens(backbones, images, model, training.batch_size))[:, 0].numpy()
-    return Calibration.from_normals(outputs.scores, peaks, distances, far, model.unknown_slack)
+    return Calibration.from_normals(scores, peaks, distances, far, model.unknown_slack)
 
 
-__all__ = ["MIN_TASK_IMAGES", "ROLES", "Splits", "TaskImages", "UnusableImage", "calibrate", "describe_skipped",
+__all__ = ["MIN_TASK_IMAGES", "ROLES", "role_sizes", "Splits", "TaskImages", "UnusableImage", "calibrate", "describe_skipped",
            "load_frames", "load_task_images", "read_training_image", "routing_tokens", "split_roles", "train_task"]

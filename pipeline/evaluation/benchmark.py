@@ -1,17 +1,22 @@
 """Offline benchmark of the experts on categories in the MVTec AD layout: cost, quality and the operating
 point, reproducible, and the automatic choice judged on test labels it never saw.
 
-Per category, the normal training images are split by role exactly as adding the task does (same seed,
-pipeline.core.training). The automatic choice runs as it does live (same candidates, validation set,
-budgets, pipeline.core.expert_selection); every candidate it fitted, plus every requested expert outside
-the automatic pool at its first candidate spec, is then calibrated on the calibration split and run on
-the test set through the live path (frame-resolution maps). Reported per (category, expert, spec): fit
-time, ms per frame (measured on the test frames: views, backbone, expert, stitching), stored state size,
-validation score, image AUROC / AP, pixel AUROC, AUPRO, pixel AP and F1-max (full-resolution masks), and
-the operating point: recall and false-alarm rate at the calibrated threshold and recall at 1% false
-alarms from the ROC. False-alarm rates are measured on test/good plus the category's train/good images
-that no split used (hundreds more normals than test/good alone). One more row per category repeats the
-candidate the automatic choice kept, as `auto`; it was chosen without test labels.
+Per category, a seeded share of train/good is held back first (enough that, with test/good, at least
+FAR_NORMALS normals measure false alarms where the product has them), then the rest is split by role
+exactly as adding the task does (same seed, pipeline.core.training). The automatic choice runs as it does
+live (same candidates, validation set, image decisions, budgets, pipeline.core.expert_selection), once at
+each frame budget of `frame_budgets_ms` (the first is the default; each later one reuses the fits of the
+earlier ones, which are deterministic). Every candidate it fitted, plus every requested expert outside the
+automatic pool at its first candidate spec, is then calibrated on the calibration split and run on the
+test set through the live path (frame-resolution maps, its image decision). Reported per (category,
+expert, spec): fit time, ms per frame (measured on the test frames: views, backbone, expert, stitching),
+stored state size, validation score, image AUROC / AP, pixel AUROC, AUPRO, pixel AP and F1-max
+(full-resolution masks), and the operating point: recall and false-alarm rate at the calibrated threshold
+and recall at 1% false alarms from the ROC, over every test anomaly and every normal no role used; per
+defect type (each test/<type>), image AUROC against those normals and recall at the threshold. Per
+category, the Spearman rank correlation between validation score and test image AUROC over the fitted
+candidates says whether the choice can be trusted. One more row per frame budget repeats the candidate
+the automatic choice kept, as `auto` (default budget) and `auto@<ms>ms`; it was chosen without test labels.
 """
 
 from __future__ import annotations
@@ -19,38 +24,45 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
-from pipeline.core.expert_selection import AUTO_EXPERTS, Candidate, candidate_specs, choose, make_validation_set
+from pipeline.core.cost import MachineSpeed
+from pipeline.core.decision import ImageDecision
+from pipeline.core.expert_selection import (AUTO_EXPERTS, Candidate, CandidateResult, FitCache, Selection,
+                                            candidate_specs, choose, make_validation_set)
 from pipeline.core.task_id import select_keys
-from pipeline.core.training import calibrate, load_frames, load_task_images, routing_tokens
-from pipeline.data.datasets import labeled_test_images, read_mask
-from pipeline.data.metrics import image_metrics, operating_point, pixel_metrics, recall_at_false_alarm_rate
+from pipeline.core.training import CALIBRATION_RESERVE, calibrate, load_frames, load_task_images, routing_tokens
+from pipeline.data.datasets import labeled_test_images, list_images, read_mask
+from pipeline.data.metrics import image_metrics, operating_point, pixel_metrics, recall_at_false_alarm_rate, roc_auc
 from pipeline.experts import Expert, build_expert
 from pipeline.experts.ucad import UCAD
 from pipeline.experts.frames import fit_batches, run_on_frames
 from pipeline.features.backbone import Backbones
 from pipeline.features.imaging import decode_image
-from schemas.config import ModelConfig, TrainingConfig
+from schemas.config import DEFAULT_FRAME_BUDGET_MS, ModelConfig, TrainingConfig
 from schemas.spec import InputSpec
 
 _MAX_PIXELS = 100_000_000
 FAR_TARGET = 0.01
+FAR_NORMALS = 250  # normals behind the false-alarm rates, test/good plus held-back train/good, where they exist
+MAX_HOLD_BACK_FRACTION = 0.25  # of train/good: the roles keep the rest
+GPU_CLASS_FRAME_BUDGET_MS = 2500.0  # about what a GPU does in ~25 ms, measured here
 
 
 @dataclass(frozen=True)
 class BenchmarkRow:
     category: str
-    expert: str  # "auto" for the automatically chosen configuration's row
+    expert: str  # "auto" / "auto@<ms>ms" for the automatically chosen configuration's rows
     chosen_expert: str
     spec: str
     status: str  # the automatic choice's verdict: ok, over_budget, skipped (fitted here anyway), named
     num_fit_images: int
     num_test_images: int
-    num_far_normals: int  # normals behind the false-alarm rates: test/good + unused train/good
+    num_far_normals: int  # normals behind the false-alarm rates: test/good + held-back train/good
     fit_seconds: float
     ms_per_frame: float
     state_bytes: int
@@ -65,14 +77,26 @@ class BenchmarkRow:
     far_at_threshold: float
     recall_at_1pct_far: float
     note: str = ""  # e.g. UCAD's prompt ablation on validation
+    frame_budget_ms: float = DEFAULT_FRAME_BUDGET_MS  # the per-frame budget the verdict was reached at
+    decision: str = ""  # the image decision (chosen on validation)
+    estimated_ms_per_frame: float = math.nan  # what the budget judged (pipeline.core.cost)
+    per_defect_type: dict = field(default_factory=dict)  # type -> {image_auroc, recall_at_threshold}
+    validation_test_spearman: float = math.nan  # per category, over its fitted candidates
 
 
 @dataclass
 class _TestData:
     frames: list[np.ndarray]
     labels: list[bool]
+    defect_types: list[str]  # "good" for normals
     masks: list[np.ndarray] | None  # None: the category has no pixel masks (pixel metrics are NaN)
-    extra_normals: list[np.ndarray]  # unused train/good frames
+    extra_normals: list[np.ndarray]  # held-back train/good frames
+
+
+def hold_back_count(num_train: int, num_test_good: int) -> int:
+    """Train/good images held back for false alarms: enough for FAR_NORMALS with test/good, at most
+    MAX_HOLD_BACK_FRACTION of train/good."""
+    return max(0, min(FAR_NORMALS - num_test_good, int(num_train * MAX_HOLD_BACK_FRACTION)))
 
 
 def benchmark_category(
@@ -85,95 +109,134 @@ def benchmark_category(
     on_row: Callable[[BenchmarkRow], None] = lambda row: None,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
     judge_all: bool = False,
+    frame_budgets_ms: Sequence[float] | None = None,
+    speed: MachineSpeed | None = None,
 ) -> list[BenchmarkRow]:
-    """`judge_all`: also fit and test the candidates the automatic choice left unfitted (over the per-frame
-    budget or out of time); by default they get a row with their verdict and no test metrics."""
-    images = load_task_images(Path(root) / category / "train" / "good", training, model.seed)
-    fit, validation_frames = images.frames["fit"], images.frames["validation"]
+    """`judge_all`: also fit and test the candidates the automatic choice left unfitted at every frame
+    budget (over it or out of time); by default they get a row with their verdict and no test metrics.
+    `frame_budgets_ms` None: the training config's budget alone."""
+    speed = speed or MachineSpeed.cached(backbones)
+    frame_budgets_ms = list(frame_budgets_ms or [training.expert_budget_ms])
+    train_dir = Path(root) / category / "train" / "good"
+    test_items = labeled_test_images(root, category)
+    hold_back = hold_back_count(len(list_images(train_dir)), sum(not item.is_anomalous for item in test_items))
+    images = load_task_images(train_dir, training, model.seed, hold_back=hold_back)
+    fit = images.frames["fit"]
     keys = select_keys(routing_tokens(backbones, fit, model, training.batch_size), model.num_keys, model.seed)
-    test = _load_test(root, category, images.splits.unused, training.min_image_side)
+    test = _load_test(test_items, images.splits.unused, training.min_image_side)
+    validation = make_validation_set(images.frames["validation"], model.seed, images.frames["statistics"])
 
-    started = time.perf_counter()
     auto = [Candidate(e, s) for e in AUTO_EXPERTS if e in experts for s in candidate_specs(e, fit)]
-    selection = choose(auto, fit, make_validation_set(validation_frames, model.seed), backbones, model, training,
-                       deadline=started + training.add_budget_s, on_progress=on_progress) if auto else None
+    cache: FitCache = {}
+    selections: list[tuple[float, Selection]] = []
+    for budget_ms in (frame_budgets_ms if auto else ()):
+        at_budget = training.model_copy(update={"expert_budget_ms": budget_ms})
+        selections.append((budget_ms, choose(auto, fit, validation, backbones, model, at_budget,
+                                             at_budget.scaled_add_budget_s * (1 - CALIBRATION_RESERVE), speed,
+                                             on_progress, cache)))
     rows: list[BenchmarkRow] = []
 
-    def add(expert: Expert, spec: InputSpec, fit_seconds: float, validation_score: float, status: str,
-            label: str | None = None) -> BenchmarkRow:
-        row = _evaluate(category, expert, spec, label or expert.name, status, fit_seconds, validation_score, len(fit),
-                        test, backbones, keys, images.frames["calibration"], model, training)
+    def emit(row: BenchmarkRow) -> BenchmarkRow:
         on_row(row)
         rows.append(row)
         return row
 
+    def judged(expert: Expert, spec: InputSpec, decision: ImageDecision, result: CandidateResult | None,
+               fit_seconds: float, status: str, label: str | None = None) -> BenchmarkRow:
+        row = _evaluate(category, expert, spec, decision, label or expert.name, status, fit_seconds,
+                        math.nan if result is None else result.score, len(fit), test, backbones, keys,
+                        images.frames["calibration"], model, training)
+        if result is not None:
+            row = replace(row, estimated_ms_per_frame=result.ms_per_frame, frame_budget_ms=frame_budgets_ms[0])
+        return row
+
     def fit_here(name: str, spec: InputSpec, expert: Expert | None = None) -> tuple[Expert, float]:
-        """Candidates the automatic choice did not fit (over budget, out of time, or outside its pool)."""
+        """Candidates no automatic choice fitted (over budget, out of time, or outside its pool)."""
         expert = expert or build_expert(name, model)
         t0 = time.perf_counter()
         expert.fit(fit_batches(fit, spec, backbones, training.batch_size), backbones.for_spec(spec.backbone))
         return expert, time.perf_counter() - t0
 
-    chosen_row = None
-    for result, fitted in zip(selection.results if selection else [], selection.fitted if selection else []):
-        if fitted is None and result.status == "failed":
-            continue
-        if fitted is None and not judge_all:
-            row = _unjudged(category, result, len(fit), len(test.frames))
-            on_row(row)
-            rows.append(row)
-            continue
-        expert, fit_seconds = (fitted, result.fit_seconds) if fitted is not None else fit_here(result.expert, result.spec)
-        row = add(expert, result.spec, fit_seconds, result.score, result.status)
-        if selection.chosen is result:
-            chosen_row = row
+    by_candidate: dict[Candidate, BenchmarkRow] = {}
+    if selections:
+        default = selections[0][1]
+        for result in default.results:
+            candidate = Candidate(result.expert, result.spec)
+            if candidate in cache:
+                done = cache[candidate]
+                by_candidate[candidate] = emit(judged(done.expert, result.spec, done.judgement.decision, result,
+                                                      done.wall_seconds, result.status))
+            elif result.status != "failed" and judge_all:
+                expert, seconds = fit_here(result.expert, result.spec)
+                by_candidate[candidate] = emit(judged(expert, result.spec, ImageDecision(), result, seconds, result.status))
+            elif result.status != "failed":
+                emit(_unjudged(category, result, len(fit), len(test.frames)))
     for name in (e for e in experts if e not in AUTO_EXPERTS):
         spec = candidate_specs(name, fit)[0]
         expert, fit_seconds = fit_here(name, spec)
-        add(expert, spec, fit_seconds, math.nan, "named")
+        emit(judged(expert, spec, ImageDecision(), None, fit_seconds, "named"))
         if isinstance(expert, UCAD):  # the prompt ablation: the same knowledge without any prompt
             plain, plain_seconds = fit_here(name, spec, UCAD(replace(expert.config, prompt_epochs=0)))
-            add(plain, spec, plain_seconds, math.nan, "ablation", label="ucad (no prompt)")
-    if chosen_row is not None:
-        auto_row = BenchmarkRow(**{**asdict(chosen_row), "expert": "auto"})
-        on_row(auto_row)
-        rows.append(auto_row)
-    return rows
+            emit(judged(plain, spec, ImageDecision(), None, plain_seconds, "ablation", label="ucad (no prompt)"))
+    for budget_ms, selection in selections:
+        chosen = by_candidate.get(Candidate(selection.chosen.expert, selection.chosen.spec))
+        if chosen is None:  # chosen only at a larger budget: judged here
+            done = cache[Candidate(selection.chosen.expert, selection.chosen.spec)]
+            chosen = judged(done.expert, selection.chosen.spec, done.judgement.decision, selection.chosen,
+                            done.wall_seconds, selection.chosen.status)
+        label = "auto" if budget_ms == frame_budgets_ms[0] else f"auto@{budget_ms:g}ms"
+        emit(replace(chosen, expert=label, frame_budget_ms=budget_ms, status=selection.chosen.status))
+    return _with_spearman(rows)
+
+
+def _with_spearman(rows: list[BenchmarkRow]) -> list[BenchmarkRow]:
+    """Every row of the category with the rank correlation of validation score and test AUROC over the
+    fitted automatic candidates (NaN with fewer than three)."""
+    fitted = [r for r in rows if not r.expert.startswith("auto") and not math.isnan(r.validation_score)
+              and not math.isnan(r.image_auroc)]
+    rho = float(spearmanr([r.validation_score for r in fitted], [r.image_auroc for r in fitted]).statistic) \
+        if len(fitted) >= 3 else math.nan
+    return [replace(r, validation_test_spearman=rho) for r in rows]
 
 
 def _unjudged(category: str, result, num_fit: int, num_test: int) -> BenchmarkRow:
-    """A candidate the automatic choice did not fit: its verdict and measured cost, no test metrics."""
+    """A candidate the automatic choice did not fit: its verdict and estimated cost, no test metrics."""
     nan = math.nan
     return BenchmarkRow(category=category, expert=result.expert, chosen_expert=result.expert, spec=result.spec.describe(),
                         status=result.status, num_fit_images=num_fit, num_test_images=num_test, num_far_normals=0,
-                        fit_seconds=nan, ms_per_frame=result.ms_per_frame, state_bytes=0, validation_score=nan,
+                        fit_seconds=nan, ms_per_frame=nan, state_bytes=0, validation_score=nan,
                         image_auroc=nan, image_ap=nan, pixel_auroc=nan, aupro=nan, pixel_ap=nan, pixel_f1_max=nan,
-                        recall_at_threshold=nan, far_at_threshold=nan, recall_at_1pct_far=nan, note=result.detail)
+                        recall_at_threshold=nan, far_at_threshold=nan, recall_at_1pct_far=nan, note=result.detail,
+                        estimated_ms_per_frame=result.ms_per_frame)
 
 
-def _load_test(root: Path, category: str, unused: Sequence[Path], min_side: int) -> _TestData:
-    items = labeled_test_images(root, category)
+def _load_test(items, unused: Sequence[Path], min_side: int) -> _TestData:
     frames = [decode_image(item.path.read_bytes(), _MAX_PIXELS) for item in items]
     has_masks = any(item.mask_path is not None for item in items)
     masks = [read_mask(item.mask_path, frame.shape[:2]) for item, frame in zip(items, frames)] if has_masks else None
     extra, _, _ = load_frames(unused, min_side)
-    return _TestData(frames, [item.is_anomalous for item in items], masks, extra)
+    return _TestData(frames, [item.is_anomalous for item in items], [item.defect for item in items], masks, extra)
 
 
-def _evaluate(category: str, expert: Expert, spec: InputSpec, label: str, status: str, fit_seconds: float, validation_score: float,
-              num_fit: int, test: _TestData, backbones: Backbones, keys: np.ndarray, calibration_frames: list[np.ndarray],
-              model: ModelConfig, training: TrainingConfig) -> BenchmarkRow:
-    calibration = calibrate(expert, spec, backbones, keys, calibration_frames, model, training, FAR_TARGET)
+def _evaluate(category: str, expert: Expert, spec: InputSpec, decision: ImageDecision, label: str, status: str,
+              fit_seconds: float, validation_score: float, num_fit: int, test: _TestData, backbones: Backbones,
+              keys: np.ndarray, calibration_frames: list[np.ndarray], model: ModelConfig,
+              training: TrainingConfig) -> BenchmarkRow:
+    calibration = calibrate(expert, spec, backbones, keys, calibration_frames, model, training, FAR_TARGET, decision)
     started = time.perf_counter()
     outputs = run_on_frames(expert, spec, backbones, test.frames, training.batch_size)
+    scores = decision.scores(outputs.scores, outputs.maps)
     ms_per_frame = 1000 * (time.perf_counter() - started) / len(test.frames)
-    extra = run_on_frames(expert, spec, backbones, test.extra_normals, training.batch_size).scores if test.extra_normals else np.empty(0)
-    # Operating point: every test anomaly against every available normal (test/good + unused train/good).
+    extra = np.empty(0, dtype=np.float32)
+    if test.extra_normals:
+        extra_outputs = run_on_frames(expert, spec, backbones, test.extra_normals, training.batch_size)
+        extra = decision.scores(extra_outputs.scores, extra_outputs.maps)
+    # Operating point: every test anomaly against every available normal (test/good + held-back train/good).
     op_labels = test.labels + [False] * len(extra)
-    op_scores = np.concatenate([outputs.scores, extra])
+    op_scores = np.concatenate([scores, extra])
     point = operating_point(op_labels, op_scores, calibration.threshold)
     pixels = _pixel_metrics(test.masks, outputs.maps)
-    image = image_metrics(test.labels, outputs.scores)
+    image = image_metrics(test.labels, scores)
     summary = expert.fit_summary()
     note = ""
     if "validation_auroc_no_prompt" in summary:
@@ -187,7 +250,19 @@ def _evaluate(category: str, expert: Expert, spec: InputSpec, label: str, status
         validation_score=validation_score, image_auroc=image["image_auroc"], image_ap=image["image_ap"], **pixels,
         recall_at_threshold=point["recall"], far_at_threshold=point["false_alarm_rate"],
         recall_at_1pct_far=recall_at_false_alarm_rate(op_labels, op_scores, FAR_TARGET), note=note,
+        decision=decision.describe(), per_defect_type=_per_defect_type(test, scores, extra, calibration.threshold),
     )
+
+
+def _per_defect_type(test: _TestData, scores: np.ndarray, extra: np.ndarray, threshold: float) -> dict:
+    """Per test/<type>: image AUROC of its frames against every normal, and recall at the threshold."""
+    normal = np.concatenate([scores[[not label for label in test.labels]], extra])
+    out = {}
+    for defect in sorted({d for d, label in zip(test.defect_types, test.labels) if label}):
+        mine = scores[[d == defect for d in test.defect_types]]
+        out[defect] = {"image_auroc": roc_auc([False] * len(normal) + [True] * len(mine), np.concatenate([normal, mine])),
+                       "recall_at_threshold": float(np.mean(mine > threshold)), "count": int(len(mine))}
+    return out
 
 
 def _pixel_metrics(masks: list[np.ndarray] | None, maps: list[np.ndarray]) -> dict[str, float]:
@@ -204,18 +279,40 @@ def _cell(value: float, digits: int = 4) -> str:
 
 def markdown_table(rows: Sequence[BenchmarkRow]) -> str:
     lines = [
-        "| category | expert | input spec | choice | fit s | ms/frame | state MB | val score | image AUROC | pixel AUROC "
-        "| AUPRO | pixel AP | recall @thr | FAR @thr | recall @1% FAR |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| category | expert | input spec | image decision | choice | fit s | ms/frame (est.) | state MB | val score "
+        "| image AUROC | pixel AUROC | AUPRO | pixel AP | recall @thr | FAR @thr | recall @1% FAR | FAR normals |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        name = f"**auto → {r.chosen_expert}**" if r.expert == "auto" else r.expert
-        cells = [_cell(r.fit_seconds, 1), _cell(r.ms_per_frame, 0), _cell(r.state_bytes / 1e6 if r.state_bytes else math.nan, 2),
+        name = f"**{r.expert} → {r.chosen_expert}**" if r.expert.startswith("auto") else r.expert
+        cells = [_cell(r.fit_seconds, 1), f"{_cell(r.ms_per_frame, 0)} ({_cell(r.estimated_ms_per_frame, 0)})",
+                 _cell(r.state_bytes / 1e6 if r.state_bytes else math.nan, 2),
                  _cell(r.validation_score), _cell(r.image_auroc), _cell(r.pixel_auroc), _cell(r.aupro), _cell(r.pixel_ap),
-                 _cell(r.recall_at_threshold, 3), _cell(r.far_at_threshold, 3), _cell(r.recall_at_1pct_far, 3)]
-        lines.append(f"| {r.category} | {name} | {r.spec} | {r.status} | " + " | ".join(cells) + " |")
-    notes = [f"- {r.category} / {r.expert}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + ([""] + notes if notes else []))
+                 _cell(r.recall_at_threshold, 3), _cell(r.far_at_threshold, 3), _cell(r.recall_at_1pct_far, 3),
+                 str(r.num_far_normals)]
+        lines.append(f"| {r.category} | {name} | {r.spec} | {r.decision or 'n/a'} | {r.status} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + _defect_lines(rows) + _notes(rows))
+
+
+def _defect_lines(rows: Sequence[BenchmarkRow]) -> list[str]:
+    """Per defect type of the automatic rows: image AUROC / recall at the threshold."""
+    auto = [r for r in rows if r.expert.startswith("auto") and r.per_defect_type]
+    if not auto:
+        return []
+    lines = ["", "| category | row | defect type (count): image AUROC / recall @thr |", "|---|---|---|"]
+    for r in auto:
+        cells = ", ".join(f"{t} ({v['count']}): {_cell(v['image_auroc'], 3)} / {_cell(v['recall_at_threshold'], 2)}"
+                          for t, v in r.per_defect_type.items())
+        lines.append(f"| {r.category} | {r.expert} | {cells} |")
+    return lines
+
+
+def _notes(rows: Sequence[BenchmarkRow]) -> list[str]:
+    spearman = {r.category: r.validation_test_spearman for r in rows}
+    notes = [f"- {category}: Spearman(validation score, test image AUROC) over the fitted candidates = {_cell(rho, 3)}"
+             for category, rho in spearman.items()]
+    notes += [f"- {r.category} / {r.expert}: {r.note}" for r in rows if r.note]
+    return [""] + notes
 
 
 def rows_as_dicts(rows: Sequence[BenchmarkRow]) -> list[dict]:

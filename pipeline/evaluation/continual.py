@@ -150,7 +150,8 @@ class ContinualRun:
         expert, artifacts = self.experts[task], self.artifacts[task]
         calibration = artifacts.calibration
         output = run_on_frames(expert, artifacts.input_spec, self.backbones, self.tests[test_set].frames, self.training.batch_size)
-        scores = [calibration.normalise(float(s)) for s in output.scores]
+        raw = artifacts.image_decision.scores(output.scores, output.maps)
+        scores = [calibration.normalise(float(s)) for s in raw]
         maps = [m / max(calibration.pixel_threshold, 1e-12) for m in output.maps]
         return np.asarray(scores, dtype=np.float64), maps
 

@@ -1,0 +1,78 @@
+"""Candidates costed from their work, not from wall time: the choice does not move with the machine's load."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.core import cost
+from pipeline.core.cost import MachineSpeed, Work, counted
+from pipeline.core.expert_selection import Candidate, candidate_specs, choose, make_validation_set
+from pipeline.core.training import load_task_images
+from pipeline.data.datasets import write_synthetic_category
+from pipeline.features.backbone import Backbones
+from schemas.config import ModelConfig, TrainingConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# A fixed speed: what MachineSpeed.cached returns once it has measured this machine.
+SPEED = MachineSpeed({"efficientnet_lite0": 50.0, "efficientnet_lite2": 80.0, "dense": 100.0})
+MODEL = ModelConfig(coreset_ratio=0.1, max_coreset_size=400, num_keys=8)
+
+
+def test_work_is_counted_by_kind_and_costed_by_the_machines_speed() -> None:
+    a, b = torch.ones(64, 32), torch.ones(32, 16)
+    image, kernel = torch.ones(1, 3, 8, 8), torch.ones(4, 3, 3, 3)
+    _, work = counted(lambda: (a @ b, torch.nn.functional.conv2d(image, kernel)))
+    assert work.dense == 2 * 64 * 32 * 16 and work.conv == 2 * 4 * 3 * 3 * 3 * 6 * 6
+    seconds = SPEED.seconds(Work(conv=50e9, dense=100e9), "efficientnet_lite0")
+    assert seconds == pytest.approx(2.0)  # 1 s of convolutions at 50 GFLOP/s, 1 s of dense work at 100
+    assert SPEED.seconds(Work(conv=100e9), "dinov2_vits14") == pytest.approx(1.0)  # a ViT's convs run dense
+
+
+def test_the_speed_is_measured_once_per_machine_then_read_back(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("INSPECTION_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(MachineSpeed, "measure", classmethod(lambda cls, backbones: calls.append(1) or SPEED))
+    assert MachineSpeed.cached(None) == SPEED and MachineSpeed.cached(None) == SPEED
+    assert calls == [1] and cost.machine_key() in (tmp_path / cost.SPEED_FILE).read_text()
+
+
+def _hog(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def _choice(frames, validation, backbones, training):
+    candidates = [Candidate("patchcore", spec) for spec in candidate_specs("patchcore", frames)]
+    selection = choose(candidates, frames, validation, backbones, MODEL, training, budget_s=1e6, speed=SPEED)
+    return [(r.expert, r.spec, r.status, r.ms_per_frame, r.fit_seconds, r.score) for r in selection.results], selection.chosen.spec
+
+
+def test_the_same_add_chooses_the_same_beside_a_cpu_hog(tmp_path: Path) -> None:
+    write_synthetic_category(tmp_path, "brick", "brick", n_train=12, n_test_good=1, n_test_defect=1, size=128, seed=3)
+    backbones = Backbones.pretrained()
+    images = load_task_images(tmp_path / "brick" / "train" / "good", TrainingConfig(), seed=0)
+    frames = images.frames["fit"]
+    validation = make_validation_set(images.frames["validation"], 0)
+    quiet, _ = _choice(frames, validation, backbones, TrainingConfig())
+    # A per-frame budget between the two candidates' estimates: one is over it, deterministically.
+    budget = float(np.mean([row[3] for row in quiet]))
+    training = TrainingConfig(expert_budget_ms=budget)
+    quiet, quiet_choice = _choice(frames, validation, backbones, training)
+    assert sorted(row[2] for row in quiet) == ["ok", "over_budget"]
+    hogs = [multiprocessing.get_context("spawn").Process(target=_hog, args=(120.0,)) for _ in range(2)]
+    for hog in hogs:
+        hog.start()
+    try:
+        loaded, loaded_choice = _choice(frames, validation, backbones, training)
+    finally:
+        for hog in hogs:
+            hog.terminate()
+            hog.join()
+    assert loaded == quiet and loaded_choice == quiet_choice  # statuses, costs and scores, to the last bit
