@@ -158,7 +158,7 @@ def _short(exc: Exception, limit: int = 300) -> str:
 
 
 # ------------------------------------------------------------------------------------------- control
-ExpertName = Literal["patchcore", "reverse_distillation", "fcdd", "ucad", "dinov2", "panda"]
+ExpertName = Literal["patchcore", "reverse_distillation", "fcdd", "ucad", "dinov2", "panda", "simplenet"]
 """Experts a category can be served by. Later issues add more; validation rejects unknown names."""
 
 

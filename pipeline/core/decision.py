@@ -96,9 +96,12 @@ class ImageDecision:
     def _aggregate(self, cells: np.ndarray) -> float:
         values = cells.ravel()
         if self.aggregation == "max":
-            return float(values.max())
-        k = max(1, int(round(TOP_K_FRACTION * values.size)))
-        return float(np.partition(values, values.size - k)[-k:].mean())
+            score = float(values.max())
+        else:
+            k = max(1, int(round(TOP_K_FRACTION * values.size)))
+            score = float(np.partition(values, values.size - k)[-k:].mean())
+        # z-scores can fall below zero; thresholds assume positive raw scores: softplus is monotone and positive
+        return float(np.logaddexp(0.0, score)) if self.statistics is not None else score
 
     def to_bytes(self) -> bytes:
         arrays = {} if self.statistics is None else {"mean": self.statistics.mean, "spread": self.statistics.spread}

@@ -42,15 +42,29 @@ from schemas.spec import CNN_STRIDE, VIT_BACKBONE, VIT_STRIDE, InputSpec
 # Tried by the automatic choice, in this order (cheap and strong first: the time budget may cut the tail).
 # Reverse Distillation (~90 s to fit) and UCAD (Segment-Anything masks, ~60 s) cost more than the add
 # budget leaves; they are used when an operator names them.
-AUTO_EXPERTS = ("patchcore", "dinov2", "panda", "fcdd")
+AUTO_EXPERTS = ("patchcore", "simplenet", "dinov2", "panda", "fcdd")
 TILE_SIDE, TILE_OVERLAP = 256, 32
 VIT_TOKENS = (576, 1024)  # ViT candidates: token budgets (24 x 24 and 32 x 32 for a square frame)
+
+
+ROTATION_MAX_ASPECT = 1.5  # frames this close to square may show their surface in any orientation
 
 
 @dataclass(frozen=True)
 class Candidate:
     expert: str
     spec: InputSpec
+    # 4: the fit frames and their 90, 180 and 270 degree rotations all go into the expert (a bank that
+    # knows every orientation of the surface); 1: the frames as they are
+    orientations: int = 1
+
+    def describe(self) -> str:
+        return f"{self.expert} @ {self.spec.describe()}" + (" + rotations" if self.orientations > 1 else "")
+
+
+def rotated(frames: Sequence[np.ndarray], orientations: int) -> list[np.ndarray]:
+    """The frames, then each one turned by 90 degrees, 180 and 270 (as many turns as `orientations` asks)."""
+    return [np.ascontiguousarray(np.rot90(frame, turn)) for turn in range(orientations) for frame in frames]
 
 
 @dataclass
@@ -58,6 +72,7 @@ class CandidateResult:
     expert: str
     spec: InputSpec
     status: str  # "ok", "over_budget" (too slow per frame), "skipped" (add budget spent), "failed"
+    orientations: int = 1  # Candidate.orientations
     image_auroc: float = math.nan  # with its image decision
     pixel_auroc: float = math.nan
     ms_per_frame: float = math.nan  # estimated from its work (pipeline.core.cost): what the budget judges
@@ -70,6 +85,10 @@ class CandidateResult:
     summary: dict = field(default_factory=dict)
 
     @property
+    def candidate(self) -> Candidate:
+        return Candidate(self.expert, self.spec, self.orientations)
+
+    @property
     def score(self) -> float:
         """(2 x image AUROC + pixel AUROC) / 3 on validation; NaN when it was not fitted. A category without
         any pixel signal (NaN pixel AUROC) is judged on image AUROC alone."""
@@ -78,7 +97,7 @@ class CandidateResult:
         return (2 * self.image_auroc + self.pixel_auroc) / 3
 
     def line(self) -> str:
-        head = f"{self.expert} @ {self.spec.describe()}"
+        head = self.candidate.describe()
         if math.isnan(self.image_auroc):
             return f"{head}: {self.status} {self.detail}".strip()
         text = (f"{head}: {self.score:.4f} (image {self.image_auroc:.4f} by {self.decision}, pixel {self.pixel_auroc:.4f}, "
@@ -86,7 +105,7 @@ class CandidateResult:
         return text if self.status == "ok" else f"{text} {self.status} {self.detail}".strip()
 
     def as_dict(self) -> dict:
-        return {"expert": self.expert, "spec": self.spec.model_dump(), "status": self.status,
+        return {"expert": self.expert, "spec": self.spec.model_dump(), "orientations": self.orientations, "status": self.status,
                 "image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "score": self.score,
                 "ms_per_frame": self.ms_per_frame, "fit_seconds": self.fit_seconds,
                 "measured_ms_per_frame": self.measured_ms_per_frame, "measured_fit_seconds": self.measured_fit_seconds,
@@ -174,7 +193,17 @@ def default_candidates(frames: Sequence[np.ndarray], expert: str | None, spec: I
             raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
     if spec is not None:
         return [Candidate(name, spec) for name in names]
-    return [Candidate(name, s) for name in names for s in candidate_specs(name, frames)]
+    # orientation-free surfaces: a twin that knows every orientation, after each PatchCore canvas (validation says if it helps)
+    rotations = expert is None and _near_square(frames)
+    return [twin for name in names for s in candidate_specs(name, frames)
+            for twin in ([Candidate(name, s)] + ([Candidate(name, s, 4)] if rotations and name == "patchcore"
+                                                 and s.resize == "letterbox" else []))]
+
+
+def _near_square(frames: Sequence[np.ndarray]) -> bool:
+    height = float(np.median([f.shape[0] for f in frames]))
+    width = float(np.median([f.shape[1] for f in frames]))
+    return max(height, width) / min(height, width) <= ROTATION_MAX_ASPECT
 
 
 # ------------------------------------------------------------------------------------------ judging
@@ -266,7 +295,8 @@ def choose(
     probe_ms = {spec: 1000 * speed.seconds(_probe(spec, backbones, validation.normal, training.batch_size), spec.backbone)
                 for spec in specs}
     views = {spec: _views_per_frame(spec, fit_frames) * len(fit_frames) for spec in specs}
-    order = sorted(range(len(candidates)), key=lambda i: probe_ms[candidates[i].spec])
+    # cheapest per frame first; of equal cost, the one with fewer fit frames first
+    order = sorted(range(len(candidates)), key=lambda i: (probe_ms[candidates[i].spec], candidates[i].orientations))
     results: list[CandidateResult | None] = [None] * len(candidates)
     fitted: list[Expert | None] = [None] * len(candidates)
     decisions: list[ImageDecision | None] = [None] * len(candidates)
@@ -274,17 +304,17 @@ def choose(
     seconds_per_view: list[float] = []
     spent_s = 0.0  # estimated seconds of the work done so far
     judged_frames = len(validation.frames) + len(validation.statistics)
-    features: dict[InputSpec, list] = {}  # fit features per spec, shared by experts on the same spec
+    features: dict[tuple[InputSpec, int], list] = {}  # fit features per (spec, orientations), shared by experts
     for step, index in enumerate(order):
         candidate = candidates[index]
-        for spec in [s for s in features if all(candidates[j].spec != s for j in order[step:])]:
-            del features[spec]  # no later candidate reads them: free the memory
-        result = results[index] = CandidateResult(candidate.expert, candidate.spec, "ok")
+        for key in [k for k in features if all((candidates[j].spec, candidates[j].orientations) != k for j in order[step:])]:
+            del features[key]  # no later candidate reads them: free the memory
+        result = results[index] = CandidateResult(candidate.expert, candidate.spec, "ok", candidate.orientations)
         probe = probe_ms[candidate.spec]
         if step > 0:
             estimate = probe * overhead.get(candidate.expert, 1.0)
             # the most per view so far: experts' fits differ by 3x (FCDD vs PatchCore), so the mean overran
-            fit_estimate = max(seconds_per_view, default=0.0) * views[candidate.spec]
+            fit_estimate = max(seconds_per_view, default=0.0) * views[candidate.spec] * candidate.orientations
             if estimate > training.expert_budget_ms:
                 result.status, result.ms_per_frame = "over_budget", estimate
                 result.detail = f"estimated {estimate:.0f} ms/frame (backbone {probe:.0f}) > {training.expert_budget_ms:.0f}"
@@ -316,7 +346,7 @@ def choose(
         spent_s += result.fit_seconds + judged_s
         fitted[index], decisions[index] = expert, judgement.decision
         overhead.setdefault(candidate.expert, result.ms_per_frame / max(probe, 1e-3))
-        seconds_per_view.append(result.fit_seconds / max(views[candidate.spec], 1))
+        seconds_per_view.append(result.fit_seconds / max(views[candidate.spec] * candidate.orientations, 1))
         if result.ms_per_frame > training.expert_budget_ms:
             result.status, result.detail = "over_budget", f"{result.ms_per_frame:.0f} ms/frame > {training.expert_budget_ms:.0f}"
         on_progress(0.2 + 0.6 * (step + 1) / len(candidates), f"candidate {result.line()}")
@@ -325,16 +355,17 @@ def choose(
 
 def _fit_and_judge(candidate: Candidate, fit_frames: list[np.ndarray], validation: ValidationSet,
                    backbones: Backbones, model: ModelConfig, training: TrainingConfig,
-                   features: dict[InputSpec, list]) -> Fitted:
+                   features: dict[tuple[InputSpec, int], list]) -> Fitted:
     """The candidate fitted (its spec's fit features computed once, their work charged to the first
     expert that needed them) and judged."""
     expert = build_expert(candidate.expert, model)
     started = time.perf_counter()
     fit_work = Work()
-    if candidate.spec not in features:
-        features[candidate.spec], fit_work = counted(
-            lambda: fit_batches(fit_frames, candidate.spec, backbones, training.batch_size))
-    _, expert_work = counted(lambda: expert.fit(features[candidate.spec], backbones.for_spec(candidate.spec.backbone)))
+    key = (candidate.spec, candidate.orientations)
+    if key not in features:
+        frames = rotated(fit_frames, candidate.orientations)
+        features[key], fit_work = counted(lambda: fit_batches(frames, candidate.spec, backbones, training.batch_size))
+    _, expert_work = counted(lambda: expert.fit(features[key], backbones.for_spec(candidate.spec.backbone)))
     wall = time.perf_counter() - started
     return Fitted(expert, evaluate(expert, candidate.spec, validation, backbones, training.batch_size),
                   fit_work + expert_work, wall)

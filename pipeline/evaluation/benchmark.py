@@ -33,7 +33,8 @@ from scipy.stats import spearmanr
 from pipeline.core.cost import MachineSpeed
 from pipeline.core.decision import ImageDecision
 from pipeline.core.expert_selection import (AUTO_EXPERTS, Candidate, CandidateResult, FitCache, Selection,
-                                            candidate_specs, choose, make_validation_set)
+                                            candidate_specs, choose, default_candidates, make_validation_set,
+                                            rotated)
 from pipeline.core.task_id import select_keys
 from pipeline.core.training import CALIBRATION_RESERVE, calibrate, load_frames, load_task_images, routing_tokens
 from pipeline.data.datasets import labeled_test_images, list_images, read_mask
@@ -126,7 +127,7 @@ def benchmark_category(
     test = _load_test(test_items, images.splits.unused, training.min_image_side)
     validation = make_validation_set(images.frames["validation"], model.seed, images.frames["statistics"])
 
-    auto = [Candidate(e, s) for e in AUTO_EXPERTS if e in experts for s in candidate_specs(e, fit)]
+    auto = [c for c in default_candidates(fit, None, None) if c.expert in experts]
     cache: FitCache = {}
     selections: list[tuple[float, Selection]] = []
     for budget_ms in (frame_budgets_ms if auto else ()):
@@ -147,27 +148,29 @@ def benchmark_category(
                         math.nan if result is None else result.score, len(fit), test, backbones, keys,
                         images.frames["calibration"], model, training)
         if result is not None:
-            row = replace(row, estimated_ms_per_frame=result.ms_per_frame, frame_budget_ms=frame_budgets_ms[0])
+            row = replace(row, spec=_spec_text(result), estimated_ms_per_frame=result.ms_per_frame,
+                          frame_budget_ms=frame_budgets_ms[0])
         return row
 
-    def fit_here(name: str, spec: InputSpec, expert: Expert | None = None) -> tuple[Expert, float]:
+    def fit_here(name: str, spec: InputSpec, expert: Expert | None = None, orientations: int = 1) -> tuple[Expert, float]:
         """Candidates no automatic choice fitted (over budget, out of time, or outside its pool)."""
         expert = expert or build_expert(name, model)
         t0 = time.perf_counter()
-        expert.fit(fit_batches(fit, spec, backbones, training.batch_size), backbones.for_spec(spec.backbone))
+        expert.fit(fit_batches(rotated(fit, orientations), spec, backbones, training.batch_size),
+                   backbones.for_spec(spec.backbone))
         return expert, time.perf_counter() - t0
 
     by_candidate: dict[Candidate, BenchmarkRow] = {}
     if selections:
         default = selections[0][1]
         for result in default.results:
-            candidate = Candidate(result.expert, result.spec)
+            candidate = result.candidate
             if candidate in cache:
                 done = cache[candidate]
                 by_candidate[candidate] = emit(judged(done.expert, result.spec, done.judgement.decision, result,
                                                       done.wall_seconds, result.status))
             elif result.status != "failed" and judge_all:
-                expert, seconds = fit_here(result.expert, result.spec)
+                expert, seconds = fit_here(result.expert, result.spec, orientations=result.orientations)
                 by_candidate[candidate] = emit(judged(expert, result.spec, ImageDecision(), result, seconds, result.status))
             elif result.status != "failed":
                 emit(_unjudged(category, result, len(fit), len(test.frames)))
@@ -179,9 +182,9 @@ def benchmark_category(
             plain, plain_seconds = fit_here(name, spec, UCAD(replace(expert.config, prompt_epochs=0)))
             emit(judged(plain, spec, ImageDecision(), None, plain_seconds, "ablation", label="ucad (no prompt)"))
     for budget_ms, selection in selections:
-        chosen = by_candidate.get(Candidate(selection.chosen.expert, selection.chosen.spec))
+        chosen = by_candidate.get(selection.chosen.candidate)
         if chosen is None:  # chosen only at a larger budget: judged here
-            done = cache[Candidate(selection.chosen.expert, selection.chosen.spec)]
+            done = cache[selection.chosen.candidate]
             chosen = judged(done.expert, selection.chosen.spec, done.judgement.decision, selection.chosen,
                             done.wall_seconds, selection.chosen.status)
         label = "auto" if budget_ms == frame_budgets_ms[0] else f"auto@{budget_ms:g}ms"
@@ -202,12 +205,16 @@ def _with_spearman(rows: list[BenchmarkRow]) -> list[BenchmarkRow]:
 def _unjudged(category: str, result, num_fit: int, num_test: int) -> BenchmarkRow:
     """A candidate the automatic choice did not fit: its verdict and estimated cost, no test metrics."""
     nan = math.nan
-    return BenchmarkRow(category=category, expert=result.expert, chosen_expert=result.expert, spec=result.spec.describe(),
+    return BenchmarkRow(category=category, expert=result.expert, chosen_expert=result.expert, spec=_spec_text(result),
                         status=result.status, num_fit_images=num_fit, num_test_images=num_test, num_far_normals=0,
                         fit_seconds=nan, ms_per_frame=nan, state_bytes=0, validation_score=nan,
                         image_auroc=nan, image_ap=nan, pixel_auroc=nan, aupro=nan, pixel_ap=nan, pixel_f1_max=nan,
                         recall_at_threshold=nan, far_at_threshold=nan, recall_at_1pct_far=nan, note=result.detail,
                         estimated_ms_per_frame=result.ms_per_frame)
+
+
+def _spec_text(result: CandidateResult) -> str:
+    return result.spec.describe() + (" + rotations" if result.orientations > 1 else "")
 
 
 def _load_test(items, unused: Sequence[Path], min_side: int) -> _TestData:

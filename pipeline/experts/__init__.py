@@ -8,6 +8,7 @@ from pipeline.experts.fcdd import FCDD, FCDDConfig
 from pipeline.experts.panda import PANDA, PANDAConfig
 from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
 from pipeline.experts.reverse_distillation import ReverseDistillation, ReverseDistillationConfig
+from pipeline.experts.simplenet import SimpleNet, SimpleNetConfig
 from pipeline.experts.ucad import UCAD, UCADConfig
 from schemas.config import ModelConfig
 
@@ -19,6 +20,7 @@ EXPERT_TYPES: dict[str, type[Expert]] = {
     UCAD.name: UCAD,
     DINOv2Patch.name: DINOv2Patch,
     PANDA.name: PANDA,
+    SimpleNet.name: SimpleNet,
 }
 
 
@@ -43,6 +45,8 @@ def build_expert(name: str, config: ModelConfig) -> Expert:
         return UCAD(UCADConfig(num_neighbors=config.num_neighbors, map_sigma=config.map_sigma, seed=config.seed))
     if name == PANDA.name:  # DN2's k (2) is not PatchCore's re-weighting b: it keeps its own default
         return PANDA(PANDAConfig(map_sigma=config.map_sigma, seed=config.seed))
+    if name == SimpleNet.name:
+        return SimpleNet(SimpleNetConfig(map_sigma=config.map_sigma, seed=config.seed))
     if name == DINOv2Patch.name:
         return DINOv2Patch(DINOv2PatchConfig(map_sigma=config.map_sigma, seed=config.seed))
     raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
