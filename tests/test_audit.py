@@ -27,7 +27,7 @@ from workers.stack import ALERT_RULES
 
 SIZE = 128
 MODEL = ModelConfig(image_size=SIZE, coreset_ratio=0.1, max_coreset_size=500, num_keys=16, seed=0)
-TRAINING = TrainingConfig(batch_size=16)  # 40 images: 20 fit, 6 validation, 10 calibration, 4 audit
+TRAINING = TrainingConfig(batch_size=16, audit_fraction=0.1)  # 40 images: 24 fit, 4 validation, 8 calibration, 4 audit
 SPEC = InputSpec(backbone="efficientnet_lite0", resize="letterbox", height=SIZE, width=SIZE)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

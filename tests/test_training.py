@@ -38,7 +38,7 @@ IMAGE_SIZE = 128
 TRAINED = ("brick", "gravel")
 UNTRAINED = "grass"
 MODEL = ModelConfig(image_size=IMAGE_SIZE, coreset_ratio=0.1, max_coreset_size=500, num_keys=16, seed=0)
-TRAINING = TrainingConfig(batch_size=16)  # 12 images: 7 fit, 1 validation, 4 calibration (role_sizes)
+TRAINING = TrainingConfig(batch_size=16)  # 12 images: 7 fit, 1 validation, 3 calibration, 1 audit (role_sizes)
 SPEC = InputSpec(backbone="efficientnet_lite0", resize="letterbox", height=IMAGE_SIZE, width=IMAGE_SIZE)
 
 
@@ -95,8 +95,8 @@ def test_split_roles_disjoint_deterministic_and_capped(tmp_path: Path) -> None:
     config = TrainingConfig(max_train_images=20)
     splits = split_roles(paths, config, seed=3)
     sizes = [len(getattr(splits, role)) for role in ROLES]
-    # floors ask for far more than half of 20: the held-out half is shared in proportion, calibration first
-    assert sizes == [10, 2, 8, 0, 0] and len(splits.unused) == 20
+    # fractions first, then what is left of the held-out half lifts calibration towards its floor
+    assert sizes == [10, 2, 7, 0, 1] and len(splits.unused) == 20
     everything = [p for role in (*ROLES, "unused") for p in getattr(splits, role)]
     assert sorted(everything) == sorted(paths) and len(set(everything)) == len(paths)  # disjoint, complete
     assert split_roles(paths, config, seed=3) == splits
@@ -122,8 +122,8 @@ def test_every_image_is_used_with_floors_and_statistics_only_for_aligned_product
     sizes = role_sizes(600, config, aligned=False)  # calibration's floor holds where the images exist
     assert sizes["calibration"] >= 100 and sizes["fit"] == 600 - sum(v for k, v in sizes.items() if k != "fit")
     assert sizes["fit"] >= 300  # the held-out roles never take more than half
-    small = role_sizes(300, config, aligned=True)  # floors ask more than half: shared in proportion
-    assert sum(small.values()) == 300 and small["fit"] == 150 and small["calibration"] > small["validation"]
+    small = role_sizes(300, config, aligned=True)  # floors ask more than half: calibration is lifted first
+    assert small == {"fit": 150, "validation": 30, "calibration": 75, "statistics": 30, "audit": 15}
     assert role_sizes(12, config, aligned=True)["statistics"] == 0  # too few maps for a spread: they fit
 
 
@@ -229,8 +229,8 @@ def test_trained_artifacts_shape_spec_and_meta(trained, backbones: Backbones) ->
         assert artifacts.keys.dtype == np.float32
         assert len({k.tobytes() for k in artifacts.keys}) == MODEL.num_keys  # distinct keys
         meta = artifacts.meta
-        assert (meta["num_fit_images"], meta["num_validation_images"], meta["num_calibration_images"]) == (7, 1, 4)
-        assert [len(meta["splits"][r]) for r in (*ROLES, "unused")] == [7, 1, 4, 0, 0, 0]
+        assert (meta["num_fit_images"], meta["num_validation_images"], meta["num_calibration_images"]) == (7, 1, 3)
+        assert [len(meta["splits"][r]) for r in (*ROLES, "unused")] == [7, 1, 3, 0, 1, 0]
         assert meta["image_decision"] == artifacts.image_decision.describe() and meta["frame_budget_ms"] == 250.0
         assert meta["model_config"] == MODEL.model_dump() and meta["expert_ms_per_frame"] > 0
         assert artifacts.spec == SPEC and artifacts.input_spec == SPEC
@@ -245,7 +245,7 @@ def test_calibration_uses_only_the_calibration_split(trained, backbones: Backbon
         folder = data_root / category / "train" / "good"
         names = artifacts.meta["splits"]
         calibration = artifacts.calibration
-        assert len(calibration.normal_scores) == len(names["calibration"]) == 4
+        assert len(calibration.normal_scores) == len(names["calibration"]) == 3
         expert = load_expert("patchcore", artifacts.expert_state)
         identifier = KeyTaskIdentifier({"self": artifacts.keys}, {"self": float("inf")})
 

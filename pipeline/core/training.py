@@ -65,21 +65,27 @@ class Splits:
 
 
 def role_sizes(n: int, config: TrainingConfig, aligned: bool) -> dict[str, int]:
-    """How many of `n` images each role gets. Each held-out role asks for its fraction of n or its floor
-    (statistics only for aligned products, audit up to its cap); together they may take at most
-    `max_held_out_fraction` of n, shared in proportion to what they ask when the floors ask more, with at
-    least one image each to validate and to calibrate. A statistics role too small to give a spread goes
-    to fit, and fit takes the rest (at least 2)."""
+    """How many of `n` images each role gets. Each held-out role first gets its fraction of n (statistics
+    only for aligned products, audit up to its cap); what is left of `max_held_out_fraction` of n then lifts
+    calibration, validation and statistics, in that order, towards their floors; validation and
+    calibration get at least one image each. A statistics role too small to give a spread goes to fit,
+    and fit takes the rest (at least 2)."""
     if n < MIN_TASK_IMAGES:
         raise ValueError(f"need at least {MIN_TASK_IMAGES} normal images, found {n}")
-    wanted = {
-        "validation": max(round(n * config.validation_fraction), config.min_validation_images),
-        "calibration": max(round(n * config.calibration_fraction), config.min_calibration_images),
-        "statistics": max(round(n * config.statistics_fraction), config.min_statistics_images) if aligned else 0,
+    sizes = {
+        "validation": round(n * config.validation_fraction),
+        "calibration": round(n * config.calibration_fraction),
+        "statistics": round(n * config.statistics_fraction) if aligned else 0,
         "audit": min(round(n * config.audit_fraction), config.max_audit_images),
     }
     room = max(2, min(n - 2, int(n * config.max_held_out_fraction)))
-    sizes = wanted if sum(wanted.values()) <= room else _apportion(wanted, room)
+    if sum(sizes.values()) > room:  # rounding of small folders: shared in proportion
+        sizes = _apportion(sizes, room)
+    floors = {"calibration": config.min_calibration_images, "validation": config.min_validation_images,
+              "statistics": config.min_statistics_images if aligned else 0}
+    for role, floor in floors.items():
+        lift = max(0, min(room - sum(sizes.values()), floor - sizes[role]))
+        sizes[role] += lift
     for role in ("validation", "calibration"):
         if sizes[role] == 0:  # take the one image from the largest other role
             donor = max(sizes, key=sizes.get)
