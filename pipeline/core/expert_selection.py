@@ -287,7 +287,8 @@ def choose(
     its cost (stable: the given order on ties). The first is always fitted. A later one is not when its
     estimated expert stage is over the per-frame budget (the backbone probe times the expert's overhead on
     an earlier spec, when there is one), or when the work so far plus its estimated fit (the most seconds
-    per fit view so far, times its views) and validation would pass `budget_s`. If no fitted candidate is
+    per fit view of the same expert so far, else of any, times its views) and validation would pass
+    `budget_s`. If no fitted candidate is
     within the per-frame budget, the fastest fitted one is kept and says so: adding a task never fails
     for want of CPU. `cache`: candidates fitted by an earlier choice on the same data, reused (and filled)."""
     cache = {} if cache is None else cache
@@ -301,7 +302,7 @@ def choose(
     fitted: list[Expert | None] = [None] * len(candidates)
     decisions: list[ImageDecision | None] = [None] * len(candidates)
     overhead: dict[str, float] = {}  # expert -> estimated ms per frame / backbone probe ms
-    seconds_per_view: list[float] = []
+    seconds_per_view: dict[str, list[float]] = {}  # expert -> estimated fit seconds per fit view, per fit
     spent_s = 0.0  # estimated seconds of the work done so far
     judged_frames = len(validation.frames) + len(validation.statistics)
     features: dict[tuple[InputSpec, int], list] = {}  # fit features per (spec, orientations), shared by experts
@@ -313,8 +314,10 @@ def choose(
         probe = probe_ms[candidate.spec]
         if step > 0:
             estimate = probe * overhead.get(candidate.expert, 1.0)
-            # the most per view so far: experts' fits differ by 3x (FCDD vs PatchCore), so the mean overran
-            fit_estimate = max(seconds_per_view, default=0.0) * views[candidate.spec] * candidate.orientations
+            # this expert's most per fit view so far, else any expert's most: experts' fits differ by 3x and
+            # more (FCDD vs PatchCore), so a mean over experts overran and another expert's most overstates
+            known = seconds_per_view.get(candidate.expert) or [v for per in seconds_per_view.values() for v in per]
+            fit_estimate = max(known, default=0.0) * views[candidate.spec] * candidate.orientations
             if estimate > training.expert_budget_ms:
                 result.status, result.ms_per_frame = "over_budget", estimate
                 result.detail = f"estimated {estimate:.0f} ms/frame (backbone {probe:.0f}) > {training.expert_budget_ms:.0f}"
@@ -346,7 +349,8 @@ def choose(
         spent_s += result.fit_seconds + judged_s
         fitted[index], decisions[index] = expert, judgement.decision
         overhead.setdefault(candidate.expert, result.ms_per_frame / max(probe, 1e-3))
-        seconds_per_view.append(result.fit_seconds / max(views[candidate.spec] * candidate.orientations, 1))
+        seconds_per_view.setdefault(candidate.expert, []).append(
+            result.fit_seconds / max(views[candidate.spec] * candidate.orientations, 1))
         if result.ms_per_frame > training.expert_budget_ms:
             result.status, result.detail = "over_budget", f"{result.ms_per_frame:.0f} ms/frame > {training.expert_budget_ms:.0f}"
         on_progress(0.2 + 0.6 * (step + 1) / len(candidates), f"candidate {result.line()}")

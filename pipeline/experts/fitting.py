@@ -1,5 +1,5 @@
-"""What the trained experts (Reverse Distillation, FCDD) share: a seeded hold-out split of the fit
-images, early stopping that keeps the best weights, and network weights as packable arrays."""
+"""What the trained experts (Reverse Distillation, FCDD, PANDA, SimpleNet) share: seeded generators, a
+seeded hold-out split of the fit images, early stopping that keeps the best weights, and network weights as packable arrays."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ class FitReport:
     validation_indices: list[int]
     best_epoch: int  # 0-based; the kept weights are those after this epoch
     history: list[dict] = field(default_factory=list)  # per epoch: train_loss, validation_loss (, ...)
+
+
+def seeded_generator(seed: int, stream: int) -> torch.Generator:
+    """An independent, seeded CPU generator per purpose (split, shuffling, anomaly pools, ...): each
+    stream of a seed gives its own sequence, and none disturbs torch's global RNG."""
+    state = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 def split_indices(n: int, config) -> tuple[list[int], list[int]]:

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
-from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, split_indices
+from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, seeded_generator, split_indices
 from pipeline.experts.fcdd.torch_model import (
     OUTPUT_STRIDE,
     FCDDHead,
@@ -59,12 +59,6 @@ class FCDDConfig:
         return OUTPUT_STRIDE[self.stages[0]]
 
 
-def _generator(seed: int, stream: int) -> torch.Generator:
-    """An independent, seeded CPU generator per purpose (split, shuffling, anomaly pools)."""
-    state = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
-
-
 class FCDD(Expert):
     name = "fcdd"
 
@@ -97,9 +91,9 @@ class FCDD(Expert):
             train_t, val_t = torch.tensor(train_idx), torch.tensor(val_idx, dtype=torch.long)
 
             pool_idx = train_t.repeat(cfg.anomalies_per_image)
-            pool = self._synthetic(backbone, pixels[pool_idx], _generator(cfg.seed, 1))
+            pool = self._synthetic(backbone, pixels[pool_idx], seeded_generator(cfg.seed, 1))
             val_normal = [s[val_t] for s in normal]
-            val_anomalous = self._synthetic(backbone, pixels[val_t], _generator(cfg.seed, 2)) if len(val_idx) else None
+            val_anomalous = self._synthetic(backbone, pixels[val_t], seeded_generator(cfg.seed, 2)) if len(val_idx) else None
             del pixels
 
             history: list[dict] = []
@@ -107,7 +101,7 @@ class FCDD(Expert):
                 torch.manual_seed(cfg.seed)
                 net = self._build(sum(s.shape[1] for s in normal)).to(device)
             optimizer = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-            order_gen = _generator(cfg.seed, 3)
+            order_gen = seeded_generator(cfg.seed, 3)
             pool_order = torch.randperm(len(pool_idx), generator=order_gen)
             pool_pos = 0
             stopping = EarlyStopping(cfg.patience)

@@ -62,7 +62,7 @@ from pipeline.common.sampling import farthest_point_sampling
 from pipeline.common.serialization import pack
 from pipeline.data.synthetic_anomalies import synthesize
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
-from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, split_indices
+from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, seeded_generator, split_indices
 from pipeline.experts.panda.torch_model import (
     START_STAGE,
     ImageNetClassifier,
@@ -128,12 +128,6 @@ class PANDAConfig:
             raise ValueError(f"ewc_lambda must be >= 0, learning_rate and max_state_mb > 0: {self}")
 
 
-def _generator(seed: int, stream: int) -> torch.Generator:
-    """An independent, seeded CPU generator per purpose (Fisher, anomalies, shuffling)."""
-    state = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
-
-
 class PANDA(Expert):
     name = "panda"
     square_inputs = False
@@ -169,7 +163,7 @@ class PANDA(Expert):
 
             fisher = None
             if cfg.ewc_lambda > 0 and cfg.max_epochs > 0:
-                g = _generator(cfg.seed, 1)
+                g = seeded_generator(cfg.seed, 1)
                 pick = torch.randperm(len(train_idx), generator=g)[: cfg.fisher_images].sort().values
                 images = stage2[train_t[pick.to(device)]]
                 fisher = diagonal_fisher(ImageNetClassifier(net, classifier.to(device)), images, g)
@@ -177,7 +171,7 @@ class PANDA(Expert):
 
             val_normal = stage2[torch.tensor(val_idx, dtype=torch.long, device=device)]
             val_anomalous = self._synthetic_stage2(backbone, batches, val_idx * cfg.anomalies_per_image,
-                                                   _generator(cfg.seed, 2))  # fmt: skip
+                                                   seeded_generator(cfg.seed, 2))  # fmt: skip
 
             history: list[dict] = []
             stopping = EarlyStopping(cfg.patience)
@@ -193,7 +187,7 @@ class PANDA(Expert):
             # after each gradient step theta' on the compactness (see the module doc)
             shrink = None if fisher is None else {
                 k: 1.0 / (1.0 + cfg.learning_rate * cfg.ewc_lambda * base * f) for k, f in fisher.items()}  # fmt: skip
-            order_gen = _generator(cfg.seed, 3)
+            order_gen = seeded_generator(cfg.seed, 3)
             for epoch in range(1, cfg.max_epochs + 1):
                 order = train_t[torch.randperm(len(train_idx), generator=order_gen).to(device)]
                 total = 0.0

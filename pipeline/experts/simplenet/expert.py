@@ -19,7 +19,7 @@ import torch
 from pipeline.common.serialization import pack
 from pipeline.data.synthetic_anomalies import synthesize
 from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
-from pipeline.experts.fitting import EarlyStopping, load_module_arrays, module_arrays, split_indices
+from pipeline.experts.fitting import EarlyStopping, load_module_arrays, module_arrays, seeded_generator, split_indices
 from pipeline.experts.patchcore.torch_model import embed_patches, upsample_maps
 from pipeline.experts.simplenet.torch_model import SimpleNetModel, truncated_l1
 from pipeline.features.backbone import PATCH_STAGES, Backbone, FeatureBatch
@@ -43,11 +43,6 @@ class SimpleNetConfig:
 
 
 TIE_SCALE = 100.0  # held-out AUROC outweighs any training loss (which is at most 2 * (1 + margin))
-
-
-def _generator(seed: int, stream: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 class SimpleNet(Expert):
@@ -82,7 +77,7 @@ class SimpleNet(Expert):
                 {"params": net.adaptor.parameters(), "lr": cfg.adaptor_learning_rate},
                 {"params": net.discriminator.parameters(), "lr": cfg.learning_rate},
             ])
-            sampler = _generator(cfg.seed, 1)
+            sampler = seeded_generator(cfg.seed, 1)
             stopping = EarlyStopping(cfg.patience)
             history = []
             for round_ in range(cfg.max_rounds):
@@ -118,7 +113,7 @@ class SimpleNet(Expert):
         if not val_idx:
             return None
         pixels = torch.cat([b.pixels.detach().cpu() for b in batches])[val_idx].float()
-        anomalous, _ = synthesize(pixels, _generator(self.config.seed, 2))
+        anomalous, _ = synthesize(pixels, seeded_generator(self.config.seed, 2))
         synthetic = embed_patches(backbone(anomalous, keys=False), PATCH_STAGES).float().cpu().clone()
         return grids[val_idx], synthetic
 
