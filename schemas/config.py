@@ -153,6 +153,10 @@ class TrainingConfig(_Config):
                              f"fit split at least 1 - max_held_out_fraction ({1 - self.max_held_out_fraction:g})")
         return self
 
+    def at_frame_budget(self, frame_budget_ms: float) -> "TrainingConfig":
+        """The same config at another per-frame budget (validated where it comes in: the add command)."""
+        return self.model_copy(update={"expert_budget_ms": float(frame_budget_ms)})
+
     @property
     def scaled_add_budget_s(self) -> float:
         """The add budget at this frame budget: a line that can spend 10x the default per frame has hardware

@@ -212,8 +212,7 @@ class ControlWorker:
         self._event(command, EventKind.STARTED, f"training {command.category!r} with {how} from {train_dir}",
                     progress=0.0, details={"expert": expert or "auto"})
         started = time.perf_counter()
-        training = self.training if frame_budget_ms is None else self.training.model_copy(
-            update={"expert_budget_ms": frame_budget_ms})
+        training = self.training if frame_budget_ms is None else self.training.at_frame_budget(frame_budget_ms)
         task = train_task(
             command.category, train_dir, expert, self.backbones, self.model, training, far, limit,
             on_progress=lambda fraction, message: self._event(command, EventKind.PROGRESS, message, progress=fraction),

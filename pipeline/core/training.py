@@ -47,7 +47,6 @@ MIN_TASK_IMAGES = 4  # the role split's minimum: 2 to fit, 1 to validate, 1 to c
 MIN_STATISTICS_IMAGES = 5  # fewer maps give no per-position spread worth dividing by: they fit instead
 _LISTED_SKIPS = 10  # skipped files named in an error message; the rest are counted
 ROLES = ("fit", "validation", "calibration", "statistics", "audit")
-_HELD_OUT = ROLES[1:]
 CALIBRATION_RESERVE = 0.2  # of the add budget, kept for calibrating the chosen expert and publishing
 
 
@@ -113,8 +112,6 @@ def split_roles(paths: Sequence[Path], config: TrainingConfig, seed: int, limit:
     (default config.max_train_images, None: no cap); then the roles (role_sizes)."""
     held, shuffled = _held_back(paths, seed, hold_back)
     cap = _cap(len(shuffled), limit or config.max_train_images)
-    if cap < MIN_TASK_IMAGES:
-        raise ValueError(f"need at least {MIN_TASK_IMAGES} normal images, found {cap}")
     return _assign_roles(shuffled[:cap], held + shuffled[cap:], config, aligned)
 
 

@@ -131,7 +131,7 @@ def benchmark_category(
     cache: FitCache = {}
     selections: list[tuple[float, Selection]] = []
     for budget_ms in (frame_budgets_ms if auto else ()):
-        at_budget = training.model_copy(update={"expert_budget_ms": budget_ms})
+        at_budget = training.at_frame_budget(budget_ms)
         selections.append((budget_ms, choose(auto, fit, validation, backbones, model, at_budget,
                                              at_budget.scaled_add_budget_s * (1 - CALIBRATION_RESERVE), speed,
                                              on_progress, cache)))
