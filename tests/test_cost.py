@@ -76,3 +76,25 @@ def test_the_same_add_chooses_the_same_beside_a_cpu_hog(tmp_path: Path) -> None:
             hog.terminate()
             hog.join()
     assert loaded == quiet and loaded_choice == quiet_choice  # statuses, costs and scores, to the last bit
+
+
+def test_a_fit_longer_than_its_estimate_stops_where_the_add_budget_ends(tmp_path: Path) -> None:
+    """A trained expert's fit is estimated from PatchCore's cost per view before it has run; its real
+    work is several times that. The add budget must bound the real work, not the estimate."""
+    write_synthetic_category(tmp_path, "brick", "brick", n_train=12, n_test_good=1, n_test_defect=1, size=128, seed=3)
+    backbones = Backbones.pretrained()
+    images = load_task_images(tmp_path / "brick" / "train" / "good", TrainingConfig(), seed=0)
+    frames = images.frames["fit"]
+    validation = make_validation_set(images.frames["validation"], 0)
+    spec = candidate_specs("patchcore", frames)[0]
+    candidates = [Candidate("patchcore", spec), Candidate("simplenet", spec)]
+    alone = choose(candidates[:1], frames, validation, backbones, MODEL, TrainingConfig(), budget_s=1e6, speed=SPEED)
+    first = alone.results[0]
+    first_s = first.fit_seconds + first.ms_per_frame * len(validation.frames) / 1000
+    # Room for SimpleNet's estimate (PatchCore's cost per view, as nothing else is known yet), not for its
+    # training steps: it starts, and is stopped where the budget ends.
+    budget_s = 2.5 * first_s
+    bounded = choose(candidates, frames, validation, backbones, MODEL, TrainingConfig(), budget_s=budget_s, speed=SPEED)
+    stopped = bounded.results[1]
+    assert stopped.status == "skipped" and "during its fit" in stopped.detail
+    assert bounded.chosen.expert == "patchcore" and bounded.results[0].score == first.score

@@ -51,17 +51,48 @@ class Work:
         return Work(self.conv * factor, self.dense * factor)
 
 
-def counted(fn: Callable[[], T]) -> tuple[T, Work]:
-    """fn()'s result and the work it did."""
-    with FlopCounterMode(display=False) as counter:
+class WorkLimitReached(RuntimeError):
+    """Raised inside `counted` once the work done passes its limit; `work` is what was done by then."""
+
+    def __init__(self, work: Work):
+        super().__init__(f"work limit reached after {work.conv / 1e9:.0f} GFLOP of convolutions and "
+                         f"{work.dense / 1e9:.0f} GFLOP of dense work")
+        self.work = work
+
+
+class _MeteredCounter(FlopCounterMode):
+    """A FLOP counter that stops the work as soon as `over(work so far)` says so, so a fit that would
+    pass the add budget ends there instead of running to its end (checked after every counted op)."""
+
+    def __init__(self, over: Callable[[Work], bool]):
+        super().__init__(display=False)
+        self._over = over
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        result = super()._count_flops(func_packet, out, args, kwargs)
+        if func_packet in self.flop_registry:
+            work = _work_of(self.flop_counts)
+            if self._over(work):
+                raise WorkLimitReached(work)
+        return result
+
+
+def counted(fn: Callable[[], T], over: Callable[[Work], bool] | None = None) -> tuple[T, Work]:
+    """fn()'s result and the work it did. With `over`, fn is stopped by WorkLimitReached once
+    `over(work so far)` is true: the bound is on counted work, so where it stops does not move with load."""
+    with (FlopCounterMode(display=False) if over is None else _MeteredCounter(over)) as counter:
         result = fn()
+    return result, _work_of(counter.get_flop_counts())
+
+
+def _work_of(flop_counts) -> Work:
     conv = dense = 0.0
-    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+    for op, flops in flop_counts.get("Global", {}).items():
         if "convolution" in str(op):
             conv += flops
         else:
             dense += flops
-    return result, Work(conv, dense)
+    return Work(conv, dense)
 
 
 @dataclass(frozen=True)
@@ -131,4 +162,4 @@ def _timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-__all__ = ["DENSE", "MachineSpeed", "Work", "counted", "machine_key"]
+__all__ = ["DENSE", "MachineSpeed", "Work", "WorkLimitReached", "counted", "machine_key"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.core.cost import MachineSpeed, Work, counted
+from pipeline.core.cost import MachineSpeed, Work, WorkLimitReached, counted
 from pipeline.core.decision import ImageDecision, MapStatistics, choose_decision
 from pipeline.data.metrics import pixel_metrics
 from pipeline.data.validation_anomalies import make_validation_anomalies
@@ -330,8 +330,19 @@ def choose(
                 continue
         try:
             if candidate not in cache:
-                cache[candidate] = _fit_and_judge(candidate, fit_frames, validation, backbones, model, training, features)
+                # a later candidate stops where the add budget ends: its estimate is from other fits and
+                # can be short (a trained expert's epochs), the counted work is not
+                left_s, backbone = budget_s - spent_s, candidate.spec.backbone
+                over = None if step == 0 else (lambda work: speed.seconds(work, backbone) > left_s)
+                cache[candidate] = counted(lambda: _fit_and_judge(candidate, fit_frames, validation, backbones,
+                                                                   model, training, features), over)[0]
             done = cache[candidate]
+        except WorkLimitReached as stopped:
+            spent_s += speed.seconds(stopped.work, candidate.spec.backbone)
+            result.status = "skipped"
+            result.detail = f"the add budget was spent during its fit ({spent_s:.0f} s of {budget_s:.0f} s of work)"
+            on_progress(0.2, f"candidate {result.line()}")
+            continue
         except Exception as error:  # noqa: BLE001 - one candidate failing must not fail the task
             if len(candidates) == 1:
                 raise
