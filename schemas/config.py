@@ -12,6 +12,10 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEAD_LETTER_FIELDS_BYTES = 64 * 1024  # a dead letter's key, headers, detail and names beside its value
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 12 MP PNG fits
+
+
 class TopicsConfig(_Config):
     """Topic names and their explicit partitioning. Frames are sized for camera images."""
 
@@ -22,8 +26,16 @@ class TopicsConfig(_Config):
     dead_letter: str = "inspection.deadletter"
     frame_partitions: int = Field(default=4, ge=1, description="Upper bound on inference workers.")
     result_partitions: int = Field(default=4, ge=1)
-    # 16 MiB: a 12 MP PNG fits; larger frames are refused by the broker (and by the worker's own check).
-    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
+    # larger records are refused by the broker; frames are held to less (whole_dead_letter_value_bytes)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
+
+    @property
+    def whole_dead_letter_value_bytes(self) -> int:
+        """The largest record value a dead letter keeps whole: a dead letter carries it base64-encoded
+        (4 bytes per 3) beside up to DEAD_LETTER_FIELDS_BYTES of its other fields, in one record of
+        `max_message_bytes`. Frames up to this size are accepted; a larger record's dead letter keeps
+        its size and sha256 instead of its bytes."""
+        return (self.max_message_bytes - DEAD_LETTER_FIELDS_BYTES) * 3 // 4
 
     def all_names(self) -> list[str]:
         return [self.frames, self.control, self.results, self.events, self.dead_letter]
@@ -170,7 +182,10 @@ class InferenceConfig(_Config):
     max_wait_ms: int = Field(default=50, ge=0, description="Longest a frame waits for its batch to fill.")
     decode_threads: int = Field(default=2, ge=1, le=64, description="Threads decoding the next batch while the "
                                 "model computes the current one.")
-    max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_frame_bytes: int = Field(
+        default=(DEFAULT_MAX_MESSAGE_BYTES - DEAD_LETTER_FIELDS_BYTES) * 3 // 4, ge=1024,
+        description="Larger frames are dead-lettered as oversize. At most the topics' whole_dead_letter_value_bytes "
+        "(checked when a worker starts), so the dead letter of any accepted frame keeps its bytes.")
     max_frame_pixels: int = Field(default=40_000_000, ge=1024, description="Decoded size limit.")
     store_poll_interval_s: float = Field(default=0.5, gt=0)
     metrics_port: int = Field(default=0, ge=0, description="0 = pick a free port.")
@@ -182,6 +197,9 @@ class InferenceConfig(_Config):
         "back read_committed readers before the broker aborts it (a replacement in the same slot aborts it at once).")
     stuck_after_s: float = Field(default=120.0, gt=0, description="No poll returned for this long: the consumer "
                                  "is stuck; the worker exits for its supervisor to restart it.")
+    fault_sleep_after_first_commit_s: float = Field(
+        default=0.0, ge=0, le=600, description="Fault injection for tests: the first transaction's commit step "
+        "sleeps this long after the broker took it, so its bounded wait overruns. 0 (the default): off.")
 
 
 class ControlConfig(_Config):

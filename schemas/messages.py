@@ -10,6 +10,7 @@ A Kafka record is represented here as `Record(key, value, headers)` so this modu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -382,8 +383,15 @@ class DeadLetterReason(str, Enum):
     PROCESSING_ERROR = "processing_error"
 
 
+RECORD_FRAMING_BYTES = 4096  # a record batch's own header and the record's beside its key, value and headers
+
+
 class DeadLetter(_Message):
-    """A record the pipeline could not process, kept whole so it can be inspected and replayed."""
+    """A record the pipeline could not process, kept whole so it can be inspected and replayed.
+
+    Whole unless that would not fit the dead-letter topic (`fitted`): then the value goes first, then the
+    headers, then the key, and `dropped` names what went; `value_bytes` and `value_sha256` always
+    describe the original value, so a dropped frame can still be matched to its camera's copy."""
 
     schema_version: Literal[1] = 1
     at: AwareDatetime = Field(default_factory=utc_now)
@@ -397,6 +405,29 @@ class DeadLetter(_Message):
     key: bytes | None = Field(default=None, repr=False)
     value: bytes | None = Field(default=None, repr=False)
     headers: list[tuple[str, bytes]] = Field(default_factory=list, repr=False)
+    value_bytes: int | None = None
+    value_sha256: str | None = None
+    dropped: list[Literal["value", "headers", "key"]] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, record: Record, max_record_bytes: int, **fields) -> "DeadLetter":
+        """The dead letter of `record`, as whole as fits in a record of `max_record_bytes`."""
+        value = record.value
+        letter = cls(key=record.key, value=value, headers=record.headers, **fields,
+                     value_bytes=None if value is None else len(value),
+                     value_sha256=None if value is None else hashlib.sha256(value).hexdigest())
+        return letter.fitted(max_record_bytes)
+
+    def fitted(self, max_record_bytes: int) -> "DeadLetter":
+        letter, limit = self, max_record_bytes - RECORD_FRAMING_BYTES
+        for part in ("value", "headers", "key"):
+            if letter._record_bytes() <= limit:
+                break
+            letter = letter.model_copy(update={part: None if part != "headers" else [], "dropped": [*letter.dropped, part]})
+        return letter
+
+    def _record_bytes(self) -> int:
+        return len(self.key or b"") + len(self.model_dump_json())
 
     def to_record(self) -> Record:
         return Record(self.key, self.model_dump_json().encode(), [("reason", self.reason.value.encode())])

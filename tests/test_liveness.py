@@ -100,9 +100,27 @@ def test_sigterm_is_forwarded_and_not_restarted(tmp_path: Path) -> None:
         parent.kill()
 
 
-def _supervisor(child: list[str]) -> subprocess.Popen:
+def test_sigterm_between_restarts_stops_the_supervisor(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    child = _script(tmp_path, f"""
+        import sys
+        open({str(started)!r}, "a").write("x")
+        sys.exit(3)
+    """)
+    parent = _supervisor(child, backoff_s=5.0)
+    try:
+        wait_until(started.exists, 20, what="the child to start")
+        time.sleep(0.5)  # the child has crashed: the supervisor waits out its backoff
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(4) == 3  # at once, with the child's last code
+        assert started.read_text() == "x"  # never started again
+    finally:
+        parent.kill()
+
+
+def _supervisor(child: list[str], backoff_s: float = 1.0) -> subprocess.Popen:
     """`supervise(child)` in a process of its own, exiting with the child's last code."""
-    code = f"import sys; from workers.liveness import supervise; sys.exit(supervise({child!r}))"
+    code = f"import sys; from workers.liveness import supervise; sys.exit(supervise({child!r}, backoff_s={backoff_s}))"
     return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from pydantic import ValidationError
 
+from schemas.config import InferenceConfig, TopicsConfig
 from schemas.messages import (
     FRAME_SCHEMA,
     AddCategory,
@@ -380,3 +383,26 @@ def test_dead_letter_json_round_trip_keeps_raw_record() -> None:
 def test_dead_letter_rejects_unknown_reason() -> None:
     with pytest.raises(ValidationError):
         DeadLetter(worker_id="w", source_topic="t", partition=0, offset=0, reason="bored", detail="")
+
+
+def test_a_dead_letter_keeps_what_fits_its_topic_and_names_what_it_dropped() -> None:
+    topics = TopicsConfig()
+    fields = dict(worker_id="w", source_topic="inspection.frames", partition=0, offset=7,
+                  reason=DeadLetterReason.OVERSIZE, detail="too big", frame_id="f")
+    limit = topics.whole_dead_letter_value_bytes
+    assert InferenceConfig().max_frame_bytes <= limit  # every accepted frame's dead letter keeps its bytes
+    at_limit = os.urandom(limit)
+    whole = DeadLetter.of(Record(b"cam", at_limit, [("frame_id", b"f")]), topics.max_message_bytes, **fields)
+    assert whole.value == at_limit and whole.dropped == [] and len(whole.to_record().value) < topics.max_message_bytes
+
+    huge = os.urandom(15_000_000)
+    letter = DeadLetter.of(Record(b"cam", huge, [("frame_id", b"f")]), topics.max_message_bytes, **fields)
+    record = letter.to_record()
+    assert letter.value is None and letter.dropped == ["value"] and letter.headers == [("frame_id", b"f")]
+    assert letter.value_bytes == len(huge) and letter.value_sha256 == hashlib.sha256(huge).hexdigest()
+    assert len(record.key) + len(record.value) <= topics.max_message_bytes
+    assert DeadLetter.model_validate_json(record.value) == letter
+
+    huge_headers = [("junk", os.urandom(14_000_000))]
+    letter = DeadLetter.of(Record(b"cam", b"x", huge_headers), topics.max_message_bytes, **fields)
+    assert letter.dropped == ["value", "headers"] and letter.key == b"cam" and letter.value_bytes == 1

@@ -227,6 +227,24 @@ def test_bad_frames_are_dead_lettered_and_the_stream_goes_on(line: Line):
     assert all(worker.alive() for worker in line.inference)
 
 
+def test_a_frame_too_large_for_a_whole_dead_letter_does_not_stop_its_partition(line: Line):
+    """15 MB of corrupt bytes: its dead letter would be 20 MB in base64, over the topic's limit, so it
+    carries the size and sha256 instead; the good frames behind it on the same partition are answered."""
+    good = camera_frames(line.data, "brick")[:4]
+    huge = np.random.default_rng(1).integers(0, 255, 15_000_000, dtype=np.uint8).tobytes()
+    poison = Frame(camera_id=good[0].camera_id, content_type="image/png", image=b"\x89PNG\r\n\x1a\n" + huge)
+    producer = make_producer(line.bootstrap, line.topics, client_id="test-poison-camera")
+    send_record(producer, line.topics.frames, poison.to_record())
+    producer.flush()
+    producer.close()
+    results = line.inspect(good, timeout_s=90)  # same camera, so the same partition, behind the poison
+    assert set(results) == {frame.frame_id for frame in good}
+    letters = read_dead_letters(line.bootstrap, line.topics, 30, until=lambda ls: poison.frame_id in {l.frame_id for l in ls})
+    [letter] = [l for l in letters if l.frame_id == poison.frame_id]
+    assert letter.reason == DeadLetterReason.OVERSIZE and letter.value is None and letter.dropped == ["value"]
+    assert letter.value_bytes == len(poison.image) and letter.value_sha256 == hashlib.sha256(poison.image).hexdigest()
+
+
 def test_bad_control_commands_fail_with_a_reason_and_the_worker_goes_on(line: Line):
     producer = make_producer(line.bootstrap, line.topics, client_id="test-operator")
     producer.send(line.topics.control, value=b'{"action": "launch_rockets"}').get(30)
@@ -313,6 +331,24 @@ def test_worker_sigkill_mid_stream_gives_exactly_one_result_per_frame(line: Line
     assert duplicates == 0, f"{duplicates} frames got two committed results"
 
 
+def test_a_commit_done_on_the_broker_while_its_wait_timed_out_gives_no_duplicate(line: Line):
+    """The first commit completes on the broker, then its step sleeps past the wait's bound (a fault
+    hook): the worker gives the producer up as stuck, and must resume from the committed offsets, not
+    read the batch again."""
+    for worker in list(line.inference):  # the worker under test alone serves the stream
+        worker.stop()
+        line.inference.remove(worker)
+    worker = line.spawn_inference("slow-commit", "--transaction-timeout-ms", "1000",
+                                  "--fault-sleep-after-first-commit-s", "8")
+    wait_for_store_version([worker], line.store.version())
+    frames = _numbered_frames(line, "slow-commit", 16)
+    _publish_slowly(line, frames, 1000.0)
+    results, duplicates = collect_results(line.bootstrap, line.topics, [f.frame_id for f in frames], 120)
+    assert len(results) == len(frames), worker.log_tail()
+    assert "failed (TimeoutError" in worker.log_path.read_text(), "the fault hook did not fire"
+    assert duplicates == 0, f"{duplicates} frames got two committed results"
+
+
 @pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
 def test_pipelined_worker_sigkilled_with_every_stage_busy_loses_nothing(line: Line, delivery: str):
     """Frames published in one burst keep the pipeline full (a batch decoding, one computing, one being
@@ -387,6 +423,17 @@ def test_four_cameras_spread_evenly_over_two_workers(line: Line):
     assert len(results) == len(frames)
     shares = Counter(r.worker_id for r in results.values())
     assert len(shares) == 2 and all(0.4 <= n / len(frames) <= 0.6 for n in shares.values()), shares
+
+
+def test_a_camera_cannot_choose_a_metric_label(line: Line):
+    """Ground truth naming no task is counted as `other`: the label values stay the store's categories."""
+    frame = camera_frames(line.data, "brick")[0]
+    made_up = frame.model_copy(update={"frame_id": "made-up-truth",
+                                       "ground_truth": frame.ground_truth.model_copy(update={"category": "cam-says-xyz"})})
+    line.inspect([made_up])
+    categories = {labels["category"] for worker in line.inference if worker.alive()
+                  for labels, _ in worker.samples("inspection_labelled_frames_total")}
+    assert "cam-says-xyz" not in categories and "other" in categories, categories
 
 
 def test_metrics_reach_prometheus(line: Line):

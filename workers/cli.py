@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default="cpu", help="torch device for the backbone, e.g. cuda")
     worker.add_argument("--delivery", choices=["exactly_once", "at_least_once"], default=InferenceConfig().delivery,
                         help="infer: results in Kafka transactions (default) or produced before offsets are committed")
+    worker.add_argument("--transaction-timeout-ms", type=int, default=InferenceConfig().transaction_timeout_ms,
+                        help="infer: how long a killed worker's open transaction holds back read_committed readers")
+    worker.add_argument("--fault-sleep-after-first-commit-s", type=float, default=0.0, help=argparse.SUPPRESS)
     worker.add_argument("--no-supervisor", action="store_true",
                         help="run in this process; by default a parent restarts the worker if its consumer gets stuck")
     _connection_options(worker)
@@ -253,7 +256,8 @@ def _worker(args: argparse.Namespace) -> int:
         config = InferenceConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                  max_frame_bytes=args.max_frame_bytes, max_frame_pixels=args.max_frame_pixels,
                                  metrics_port=args.metrics_port, delivery=args.delivery,
-                                 decode_threads=args.decode_threads)
+                                 decode_threads=args.decode_threads, transaction_timeout_ms=args.transaction_timeout_ms,
+                                 fault_sleep_after_first_commit_s=args.fault_sleep_after_first_commit_s)
         worker = InferenceWorker(args.bootstrap, topics, config, Inspector(backbones, ModelConfig()), store,
                                  InferenceMetrics(registry), worker_id)
     elif args.kind == "monitor":

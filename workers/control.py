@@ -301,11 +301,9 @@ class ControlWorker:
         fields = command_fields_of(record.value)
         event = TrainingEvent(command_id=fields.get("command_id"), action=fields.get("action"),
                               category=fields.get("category"), kind=EventKind.FAILED, message=detail)
-        letter = DeadLetter(
-            worker_id=self.worker_id, source_topic=consumer_record.topic, partition=consumer_record.partition,
-            offset=consumer_record.offset, reason=DeadLetterReason.BAD_COMMAND, detail=detail,
-            key=record.key, value=record.value, headers=record.headers,
-        )
+        letter = DeadLetter.of(record, self.topics.max_message_bytes, worker_id=self.worker_id,
+                               source_topic=consumer_record.topic, partition=consumer_record.partition,
+                               offset=consumer_record.offset, reason=DeadLetterReason.BAD_COMMAND, detail=detail[:2000])
         send_record(self.producer, self.topics.events, event.to_record())
         send_record(self.producer, self.topics.dead_letter, letter.to_record())
         self.producer.flush()

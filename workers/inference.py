@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 from pipeline.features.imaging import ImageDecodeError, anomaly_map_to_png, decode_image, find_boxes
 from pipeline.core.inspector import BatchTimings, Inspection, Inspector
@@ -63,6 +63,8 @@ from workers.metrics import InferenceMetrics
 log = logging.getLogger(__name__)
 TRANSACTIONAL_ID_PREFIX = "inspection-infer-"
 _LAG_REFRESH_S = 1.0
+_COMMITTED_TIMEOUT_MS = 30_000
+OTHER_CATEGORY = "other"  # the label of ground truth naming no task of the store
 
 
 @dataclass
@@ -79,12 +81,30 @@ class _Batch:
     records: list
     rebalances: int  # the rebalance count when its poll began: delivered only if still the same
     decoding: list[Future] = field(default_factory=list)  # one per record: _Decoded | DeadLetter
+    # the consumer's group membership when it was polled (exactly-once): its offsets are committed under
+    # it, and only while it is still the consumer's own
+    group: ConsumerGroupMetadata | None = None
+
+
+def _same_membership(polled: ConsumerGroupMetadata | None, now: ConsumerGroupMetadata | None) -> bool:
+    """A batch may be committed only under the generation it was polled in. kafka-python's heartbeat
+    thread resets the generation to (-1, "") on an eviction without calling the rebalance listener, and
+    the broker does not check the generation of a transactional commit made with -1."""
+    if polled is None or now is None:
+        return polled is now
+    identity = (now.group_id, now.generation_id, now.member_id, now.group_instance_id)
+    return now.generation_id >= 0 and bool(now.member_id) and \
+        identity == (polled.group_id, polled.generation_id, polled.member_id, polled.group_instance_id)
 
 
 @dataclass
 class _Delivery:
     batch: _Batch
     done: Future  # True: delivered (and, exactly-once, committed); False: to be read again
+
+
+class ProducerReplacementFailed(RuntimeError):
+    """The transaction producer could not be replaced in time: the worker stops for its supervisor."""
 
 
 class _Rebalances(ConsumerRebalanceListener):
@@ -115,6 +135,9 @@ class InferenceWorker:
         worker_id: str,
         **client_options,
     ):
+        if config.max_frame_bytes > topics.whole_dead_letter_value_bytes:
+            raise ValueError(f"max_frame_bytes={config.max_frame_bytes} is over {topics.whole_dead_letter_value_bytes}, "
+                             f"the largest frame whose dead letter fits a record of {topics.max_message_bytes} bytes")
         self.bootstrap = bootstrap
         self.topics = topics
         self.config = config
@@ -138,6 +161,7 @@ class InferenceWorker:
         self.producer: KafkaProducer = self._new_producer()
         self.watchdog = PollWatchdog(metrics, config.stuck_after_s)
         self._next_store_check = 0.0
+        self._fault_sleep_s = config.fault_sleep_after_first_commit_s
         self._next_lag_check = 0.0
         # No frame is taken before the store was read once: a worker started while Redis is down would
         # otherwise answer every frame "unknown" (no task loaded), silently.
@@ -187,17 +211,16 @@ class InferenceWorker:
             self._settle(wait=False)
             return
         batch = self._ready.popleft()
-        if batch.rebalances != self.rebalances.count:
+        if batch.rebalances != self.rebalances.count or not _same_membership(batch.group, self._membership()):
             # Gathered before a rebalance: read what is still ours again from the batch's start, under
             # the new generation (the rest is another worker's now).
-            log.info("batch of %d gathered across a rebalance; reading it again", len(batch.records))
+            log.info("batch of %d gathered across a rebalance or a lost membership; reading it again", len(batch.records))
             self._read_again(batch)
             return
         outgoing = self._inspect_batch(batch)
         if not self._settle(also_dropped=batch):  # the batch before failed: this one must wait for it
             return
-        group = self.consumer.group_metadata() if self.transactional else None
-        self._in_flight = _Delivery(batch, self._delivery.submit(self._deliver, outgoing, batch.records, group))
+        self._in_flight = _Delivery(batch, self._delivery.submit(self._deliver, outgoing, batch.records, batch.group))
 
     def _follow_store(self) -> None:
         now = time.monotonic()
@@ -253,7 +276,10 @@ class InferenceWorker:
     def _prefetch(self, records: list, rebalances: int) -> _Batch:
         self.metrics.frames_in.inc(len(records))
         self.metrics.batch_size.observe(len(records))
-        return _Batch(records, rebalances, [self._decoder.submit(self._decode, r) for r in records])
+        return _Batch(records, rebalances, [self._decoder.submit(self._decode, r) for r in records], self._membership())
+
+    def _membership(self) -> ConsumerGroupMetadata | None:
+        return self.consumer.group_metadata() if self.transactional else None
 
     def _inspect_batch(self, batch: _Batch) -> list[tuple[str, Record]]:
         """The batch's outgoing records: results and dead letters, in the order of its frames."""
@@ -410,8 +436,11 @@ class InferenceWorker:
             self.metrics.calibrated_score.labels(category).observe(inspection.score)
         truth = frame.ground_truth
         if truth is not None:
+            # a camera writes any string there: only the store's tasks become label values, so a camera
+            # cannot add series to every worker and to Prometheus
+            label = truth.category if truth.category in self.inspector.tasks else OTHER_CATEGORY
             self.metrics.labelled_frames.labels(
-                truth.category, "anomalous" if truth.is_anomalous else "normal", decision.value).inc()
+                label, "anomalous" if truth.is_anomalous else "normal", decision.value).inc()
 
     # ------------------------------------------------------------------------------ delivery
     def _deliver_in_transaction(self, outgoing: list[tuple[str, Record]], records: list, group) -> bool:
@@ -423,11 +452,15 @@ class InferenceWorker:
         producer in the same slot fences the old one and aborts its transaction."""
         try:
             self._bounded(self.producer.begin_transaction)
-            for topic, record in outgoing:
-                send_record(self.producer, topic, record)
+            sent = [send_record(self.producer, topic, record) for topic, record in outgoing]
+            # kafka-python may fail a record in its future (authorization, metadata) without raising, and
+            # the commit would then succeed without it: every record is acknowledged before the offsets go
+            self._bounded(self.producer.flush)
+            for future in sent:
+                future.get(timeout=0)
             offsets = _next_offsets(records)
             self._bounded(lambda: self.producer.send_offsets_to_transaction(offsets, group))
-            self._bounded(self.producer.commit_transaction)
+            self._bounded(self._commit_transaction)
             self.metrics.transactions.labels("committed").inc()
             return True
         except ProducerFencedError:
@@ -438,6 +471,12 @@ class InferenceWorker:
             self.metrics.transactions.labels("aborted").inc()
             self._abort(timed_out=isinstance(exc, FutureTimeout))
             return False
+
+    def _commit_transaction(self) -> None:
+        self.producer.commit_transaction()
+        if self._fault_sleep_s:  # fault injection (tests): a commit done on the broker whose wait overruns
+            delay, self._fault_sleep_s = self._fault_sleep_s, 0.0
+            time.sleep(delay)
 
     def _bounded(self, step):
         """Run one transaction step, waiting at most the transaction timeout plus 5 s."""
@@ -459,37 +498,41 @@ class InferenceWorker:
         self._steps.shutdown(wait=False)  # its thread may stay blocked on the old producer; let it go
         self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transaction")
         threading.Thread(target=lambda: stuck.close(timeout=5), daemon=True).start()
+        # The poll thread beats the watchdog while it waits for this delivery, so the bound is here:
+        # past stuck_after_s the worker exits and its supervisor starts it afresh.
+        give_up_at = time.monotonic() + self.config.stuck_after_s
         while self.producer is None:
             try:
                 self.producer = self._new_producer()
-            except KafkaError as exc:  # broker still away: try again (the watchdog bounds how long)
+            except KafkaError as exc:  # broker still away: try again, for a while
+                if time.monotonic() >= give_up_at:
+                    raise ProducerReplacementFailed(
+                        f"no new producer for slot {self.worker_id} within {self.config.stuck_after_s:.0f} s") from exc
                 log.warning("new producer not ready (%s); retrying", exc)
                 time.sleep(1)
 
     def _rewind(self, records: list) -> None:
-        """Read the batch again: the consumer's position moved past it, the committed offset did not."""
+        """Read the batch's partitions again from their committed offsets. Not from the batch's own first
+        offsets: a commit whose wait failed or timed out may still have completed on the broker (a new
+        producer's init completes it), and reading the batch again would then give each frame a second
+        result. Without a committed offset it is the batch's first one. A committed offset that cannot be
+        read stops the worker: its supervisor's restart resumes from the committed offsets too."""
         assigned = self.consumer.assignment()
-        for partition, offset in _first_offsets(records).items():
+        for partition, first in _first_offsets(records).items():
             if partition in assigned:
-                self.consumer.seek(partition, offset)
+                committed = self.consumer.committed(partition, timeout_ms=_COMMITTED_TIMEOUT_MS)
+                self.consumer.seek(partition, first if committed is None else committed)
 
     # ------------------------------------------------------------------------------ bookkeeping
     def _dead_letter(self, consumer_record, record: Record, reason: DeadLetterReason, detail: str) -> DeadLetter:
         log.warning("dead-letter %s:%d@%d %s: %s", consumer_record.topic, consumer_record.partition,
                     consumer_record.offset, reason.value, detail)
         self.metrics.errors.labels(reason.value).inc()
-        return DeadLetter(
-            worker_id=self.worker_id,
-            source_topic=consumer_record.topic,
-            partition=consumer_record.partition,
-            offset=consumer_record.offset,
-            reason=reason,
-            detail=detail[:2000],
-            frame_id=frame_id_of(record),
-            key=record.key,
-            value=record.value,
-            headers=record.headers,
-        )
+        # as whole as its topic takes: a dead letter that cannot be sent would abort every retry of the batch
+        return DeadLetter.of(record, self.topics.max_message_bytes, worker_id=self.worker_id,
+                             source_topic=consumer_record.topic, partition=consumer_record.partition,
+                             offset=consumer_record.offset, reason=reason, detail=detail[:2000],
+                             frame_id=frame_id_of(record))
 
     def _dead_letter_frame(self, item: _Decoded, records: list, exc: Exception) -> DeadLetter:
         log.exception("frame %s failed in the pipeline", item.frame.frame_id)

@@ -125,7 +125,11 @@ def make_transactional_producer(
     options = {"max_block_ms": 10_000, **overrides}
     producer = make_producer(bootstrap, topics, client_id=transactional_id, transactional_id=transactional_id,
                              transaction_timeout_ms=transaction_timeout_ms, **options)
-    producer.init_transactions()
+    try:
+        producer.init_transactions()
+    except BaseException:
+        producer.close(timeout=0)  # a failed init must not leave its sender thread and sockets behind
+        raise
     return producer
 
 

@@ -98,7 +98,8 @@ def supervise(command: Sequence[str], max_restarts: int = 20, backoff_s: float =
         restarts += 1
         log.warning("worker exited with code %d%s; restart %d of at most %d", code,
                     " (stuck consumer)" if code == EXIT_STUCK else "", restarts, max_restarts)
-        time.sleep(backoff_s)
+        if stopping.wait(backoff_s):  # a SIGTERM between two children stops the supervisor, not the next child
+            return code
 
 
 def _die_with_parent() -> None:
