@@ -87,6 +87,7 @@ class StackConfig(_Config):
     kafka_controller_port: int = 19093
     redis_port: int = 16379
     prometheus_port: int = 19090
+    redis_maxmemory_mb: int = Field(default=4096, ge=16)
     state_dir: Path = Path(".stack")
     security: SecurityConfig = Field(default_factory=SecurityConfig)
 
@@ -204,9 +205,14 @@ class InferenceConfig(_Config):
 
 class ControlConfig(_Config):
     group_id: str = "inspection-control"
+    training_root: Path | None = Field(default=None, description="Adds train only on folders under this one (links "
+                                       "resolved first). None: every add is refused, with that reason.")
     metrics_port: int = Field(default=0, ge=0)
     stuck_after_s: float = Field(default=60.0, gt=0, description="See InferenceConfig.stuck_after_s; commands "
                                  "run off the poll loop, so even training never delays a poll.")
     keep_versions: int = Field(default=20, ge=1, description="Store manifests kept for rollback, newest first.")
+    store_fill_limit: float = Field(default=0.9, gt=0, le=1, description="An add is refused, with that reason, "
+                                    "when the store would pass this share of Redis' maxmemory (checked before "
+                                    "training and again with the trained task's size before publishing).")
     gc_grace_s: float = Field(default=300.0, ge=0, description="A superseded manifest is kept at least this long, "
                               "so a worker loading it never finds a blob gone.")

@@ -20,6 +20,8 @@ from pipeline.core.store import KnowledgeStore
 from pipeline.core.training import train_task
 from pipeline.data.datasets import write_synthetic_category
 from pipeline.features.backbone import Backbones
+from pipeline.features.geometry import resize_uint8
+from pipeline.features.imaging import encode_png
 from schemas.config import ModelConfig, TrainingConfig
 from schemas.spec import InputSpec
 from schemas.store import StoreManifest
@@ -54,8 +56,24 @@ def test_audit_sets_round_trip_and_hold_normals_and_masked_anomalies() -> None:
     again = AuditSet.from_bytes(audit.to_bytes())
     assert again.frames == audit.frames and all(
         (a is None and b is None) or np.array_equal(a, b) for a, b in zip(audit.masks, again.masks))
-    assert np.array_equal(again.images()[0], normals[0])  # lossless
+    assert again.images()[0].shape == normals[0].shape  # no spec: the frames' own size
     assert make_audit_set([], seed=1) is None
+
+
+def test_audit_frames_are_stored_at_the_experts_canvas_in_the_smaller_format() -> None:
+    coarse = np.random.default_rng(0).integers(0, 255, (100, 250, 3), dtype=np.uint8)
+    smooth = resize_uint8(coarse, 400, 1000)  # a surface texture: smooth noise
+    letterbox = InputSpec(backbone="efficientnet_lite0", resize="letterbox", height=224, width=544)
+    audit = make_audit_set([smooth], seed=1, spec=letterbox)
+    assert [image.shape for image in audit.images()] == [(218, 544, 3)] * 2  # fits the canvas, aspect kept
+    assert audit.masks[1].shape == (218, 544)
+    full_size_png = len(encode_png(smooth, compress_level=6))  # how a frame was kept before
+    assert len(audit.frames[0]) < full_size_png / 3
+    assert all(frame[:2] == b"\xff\xd8" or frame[:4] == b"\x89PNG" for frame in audit.frames)
+    tiles = InputSpec(backbone="efficientnet_lite0", resize="tiles", height=256, width=256)
+    assert make_audit_set([smooth], seed=1, spec=tiles).images()[0].shape == smooth.shape  # tiles: native pixels
+    small = make_audit_set([smooth[:100, :200]], seed=1, spec=letterbox)
+    assert small.images()[0].shape == (100, 200, 3)  # never enlarged
 
 
 def test_forgetting_is_zero_when_a_task_is_added_and_positive_when_a_task_is_damaged(
@@ -125,3 +143,16 @@ def _assert_alert_fires(tmp_path: Path, forgetting: dict[str, float]) -> None:
     done = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert firing, "nothing to fire on"
+
+
+def test_audit_sets_stored_with_a_byte_a_pixel_still_load() -> None:
+    from pipeline.common.serialization import pack
+
+    mask = np.zeros((5, 7), dtype=bool)
+    mask[1:3, 2:6] = True
+    old = pack({"count": 2}, {"frame_000": np.frombuffer(b"a", np.uint8), "frame_001": np.frombuffer(b"b", np.uint8),
+                              "mask_001": mask.astype(np.uint8)})
+    loaded = AuditSet.from_bytes(old)
+    assert loaded.masks[0] is None and np.array_equal(loaded.masks[1], mask)
+    again = AuditSet.from_bytes(loaded.to_bytes())  # and the bits layout round-trips the same mask
+    assert np.array_equal(again.masks[1], mask) and len(loaded.to_bytes()) < len(old) + 200

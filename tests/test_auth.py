@@ -517,7 +517,8 @@ def test_workers_run_end_to_end_as_their_roles(auth_stack: LocalStack, tmp_path:
     write_synthetic_category(data, "brick", "brick", n_train=16, n_test_good=3, n_test_defect=3, size=160)
     bootstrap, redis_url, logs = auth_stack.config.bootstrap_servers, auth_stack.config.redis_url, tmp_path / "logs"
     workers = [spawn_worker(kind, f"auth-{kind}", bootstrap, redis_url, logs, threads=1,
-                            env=security.credentials_env(auth_stack.state_dir, role))
+                            env=security.credentials_env(auth_stack.state_dir, role),
+                            extra_args=("--training-root", str(data)) if kind == "control" else ())
                for kind, role in (("control", "control"), ("infer", "inference"))]
     try:
         monkeypatch.setenv(security.CREDENTIALS_FILE_ENV, str(security.credentials_file(auth_stack.state_dir, "operator")))

@@ -70,7 +70,8 @@ def small_line(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
     redis_url = stack.config.redis_url.rsplit("/", 1)[0] + "/2"
     redis.Redis.from_url(redis_url).flushdb()
     bootstrap, logs = stack.config.bootstrap_servers, stack.state_dir / "dashboard-logs"
-    workers = [spawn_worker("control", "dash-control", bootstrap, redis_url, logs, threads=1),
+    workers = [spawn_worker("control", "dash-control", bootstrap, redis_url, logs, threads=1,
+                            extra_args=("--training-root", str(data))),
                spawn_worker("infer", "dash-infer", bootstrap, redis_url, logs, threads=1),
                spawn_worker("monitor", "dash-monitor", bootstrap, redis_url, logs, threads=1)]
     for worker in workers:

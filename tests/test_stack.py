@@ -225,3 +225,26 @@ def test_restart_keeps_redis_and_kafka_data(stack: LocalStack, redis_client: red
     records = read_topic(bootstrap, topics.control, topics, timeout_s=30,
                          until=lambda got: any(r.key == key.encode() for r in got))
     assert [r.value for r in records if r.key == key.encode()] == [b"kept"]
+
+
+def test_status_and_down_find_a_stack_by_its_folder_alone(tmp_path: Path, free_ports, capsys) -> None:
+    """Started on other ports than the defaults: `status` and `down --wipe` with only --state-dir must
+    find every server (not take the live Redis' pid file for a stale one and leave it running)."""
+    from workers.cli import main
+
+    ports = free_ports(4)
+    state = str(tmp_path / "elsewhere")
+    flags = ["--kafka-port", str(ports[0]), "--kafka-controller-port", str(ports[1]),
+             "--redis-port", str(ports[2]), "--prometheus-port", str(ports[3])]
+    try:
+        assert main(["stack", "up", "--state-dir", state, *flags]) == 0
+        capsys.readouterr()
+        assert main(["stack", "status", "--state-dir", state]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["running"] and status["servers"]["redis"]["pid"] is not None
+        assert main(["stack", "down", "--wipe", "--state-dir", state]) == 0
+        assert {"kafka", "redis"} <= set(json.loads(capsys.readouterr().out)["stopped"])
+    finally:
+        main(["stack", "down", "--wipe", "--state-dir", state, *flags])
+    leftovers = subprocess.run(["pgrep", "-f", state], capture_output=True, text=True)
+    assert leftovers.stdout == ""

@@ -119,7 +119,8 @@ def line(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
     redis_url = stack.config.redis_url.rsplit("/", 1)[0] + "/1"
     redis.Redis.from_url(redis_url).flushdb()
     log_dir = stack.state_dir / "worker-logs"
-    control = spawn_worker("control", "control-test", stack.config.bootstrap_servers, redis_url, log_dir, threads=1)
+    control = spawn_worker("control", "control-test", stack.config.bootstrap_servers, redis_url, log_dir, threads=1,
+                           extra_args=("--training-root", str(data)))
     line = Line(stack, TopicsConfig(), data, redis_url, log_dir, control, [])
     line.spawn_inference("infer-a")
     try:
@@ -262,6 +263,35 @@ def test_bad_control_commands_fail_with_a_reason_and_the_worker_goes_on(line: Li
     [done] = line.command(SetThreshold(category="brick", false_alarm_rate=0.2))  # still serving commands
     assert done.kind == EventKind.FINISHED and done.details["threshold"] > 0
     assert line.control.alive()
+
+
+def test_adds_train_only_on_folders_under_the_training_root(line: Line):
+    escape = line.data / "looks-inside"
+    if not escape.exists():
+        escape.symlink_to("/etc", target_is_directory=True)  # a readable folder, but not a training folder
+    outside, linked, relative = line.command(
+        AddCategory(category="etc", train_dir="/etc"),
+        AddCategory(category="etc", train_dir=str(escape)),
+        AddCategory(category="etc", train_dir="brick/train/good"),
+    )
+    assert outside.kind == linked.kind == relative.kind == EventKind.FAILED
+    assert "outside the training root" in outside.message and "outside the training root" in linked.message
+    assert "relative" in relative.message
+    assert "etc" not in line.store.manifest().tasks
+
+
+def test_an_add_the_store_could_not_hold_is_refused_with_its_sizes(line: Line):
+    client = redis.Redis.from_url(line.redis_url)
+    configured = client.config_get("maxmemory")["maxmemory"]
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", str(int(used / 0.95)))  # past the 90% an add may fill
+    try:
+        [event] = line.command(AddCategory(category="grass", train_dir=str(line.data / "grass" / "train" / "good"),
+                                           expert="patchcore"))
+    finally:
+        client.config_set("maxmemory", configured)
+    assert event.kind == EventKind.FAILED and "the store would not fit" in event.message, event.message
+    assert "grass" not in line.store.manifest().tasks
 
 
 # Raw documents an operator's tool might send; none may change the threshold, each is answered by id.

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import socket
 import signal
 import sys
 import threading
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default="cpu", help="torch device for the backbone, e.g. cuda")
     worker.add_argument("--delivery", choices=["exactly_once", "at_least_once"], default=InferenceConfig().delivery,
                         help="infer: results in Kafka transactions (default) or produced before offsets are committed")
+    worker.add_argument("--training-root", type=Path, default=None,
+                        help="control: adds train only on folders under this one (without it, adds are refused)")
     worker.add_argument("--transaction-timeout-ms", type=int, default=InferenceConfig().transaction_timeout_ms,
                         help="infer: how long a killed worker's open transaction holds back read_committed readers")
     worker.add_argument("--fault-sleep-after-first-commit-s", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -183,13 +186,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PORTS = ("kafka_port", "kafka_controller_port", "redis_port", "prometheus_port")
+
+
 def _stack_options(parser: argparse.ArgumentParser) -> None:
     defaults = StackConfig()
     parser.add_argument("--state-dir", type=Path, default=defaults.state_dir)
-    parser.add_argument("--kafka-port", type=int, default=defaults.kafka_port)
-    parser.add_argument("--kafka-controller-port", type=int, default=defaults.kafka_controller_port)
-    parser.add_argument("--redis-port", type=int, default=defaults.redis_port)
-    parser.add_argument("--prometheus-port", type=int, default=defaults.prometheus_port)
+    for port in _PORTS:  # None: what the state folder remembers from its `up`, else the default
+        parser.add_argument(f"--{port.replace('_', '-')}", type=int, default=None,
+                            help=f"default: the state folder's, else {getattr(defaults, port)}")
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -201,14 +206,16 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
 def stack_config(args: argparse.Namespace) -> StackConfig:
     from schemas.config import SecurityConfig
 
-    return StackConfig(
-        security=SecurityConfig(enabled=getattr(args, "auth", False), tls=getattr(args, "tls", False)),
-        state_dir=args.state_dir,
-        kafka_port=args.kafka_port,
-        kafka_controller_port=args.kafka_controller_port,
-        redis_port=args.redis_port,
-        prometheus_port=args.prometheus_port,
-    )
+    from workers.stack import remembered_config
+
+    # A stack is found again by its folder alone: `status` or `down --state-dir X` without the ports it was
+    # started with must not take a live server's pid file for a stale one.
+    base = remembered_config(args.state_dir) or StackConfig(state_dir=args.state_dir)
+    ports = {port: getattr(args, port) for port in _PORTS if getattr(args, port) is not None}
+    security = SecurityConfig(enabled=getattr(args, "auth", False), tls=getattr(args, "tls", False))
+    starting = getattr(args, "action", "up") == "up"
+    return base.model_copy(update={**ports, "state_dir": args.state_dir,
+                                   **({"security": security} if starting else {})})
 
 
 # ------------------------------------------------------------------------------------ handlers
@@ -226,11 +233,19 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_worker_id(kind: str) -> str:
+    """Unique per process on a host and across hosts (containers all run as a low pid)."""
+    return f"{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
 def _worker(args: argparse.Namespace) -> int:
     if not args.no_supervisor:  # the parent stays small: no torch, no models
         from workers.liveness import supervise
 
-        return supervise([sys.executable, "-m", "workers.cli", *args.argv, "--no-supervisor"])
+        # The id is chosen here, once: every restarted child keeps it, so an inference worker keeps its
+        # transactional id (a restart fences its predecessor and aborts its open transaction at once).
+        named = [] if args.worker_id else ["--worker-id", default_worker_id(args.kind)]
+        return supervise([sys.executable, "-m", "workers.cli", *args.argv, *named, "--no-supervisor"])
     import torch
     from prometheus_client import CollectorRegistry
 
@@ -240,7 +255,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    worker_id = args.worker_id or f"{args.kind}-{os.getpid()}"
+    worker_id = args.worker_id or default_worker_id(args.kind)
     stop = _stop_on_signals()
     registry = CollectorRegistry()
     from workers.security import load_credentials, redis_client_options
@@ -269,7 +284,8 @@ def _worker(args: argparse.Namespace) -> int:
     else:
         from workers.control import ControlWorker
 
-        worker = ControlWorker(args.bootstrap, topics, ControlConfig(metrics_port=args.metrics_port), ModelConfig(),
+        config = ControlConfig(metrics_port=args.metrics_port, training_root=args.training_root)
+        worker = ControlWorker(args.bootstrap, topics, config, ModelConfig(),
                                TrainingConfig(), backbones, store, ControlMetrics(registry), worker_id)
     port = serve(registry, args.metrics_host, args.metrics_port)
     log.info("%s ready; metrics on http://%s:%d/metrics", worker_id, args.metrics_host, port)

@@ -202,12 +202,38 @@ class ControlWorker:
                     artifacts.calibration.false_alarm_rate, artifacts.meta.get("max_train_images"),
                     artifacts.meta.get("frame_budget_ms"))
 
+    def _check_store_room(self, task_bytes: int, when: str) -> None:
+        """Redis runs with maxmemory and noeviction: a task that does not fit is refused here, with its
+        sizes, rather than failing in the middle of a publish (or evicting another task's blobs)."""
+        memory = self.store.memory()
+        if not memory.fits(task_bytes, self.config.store_fill_limit):
+            raise CommandRejected(
+                f"the store would not fit {when}: {memory.used_bytes} bytes used + {task_bytes} of the task > "
+                f"{self.config.store_fill_limit:g} x maxmemory {memory.limit_bytes}; remove tasks or raise maxmemory")
+
+    def _confined(self, train_dir: Path) -> Path:
+        """The folder, links resolved, if it lies under the training root; else the add is refused. A task
+        copies some of its images into the store and names its files in events: an add must not reach
+        whatever else this worker can read. A relative path is refused too: it would resolve in this
+        worker's directory, not the operator's (the CLI sends absolute ones)."""
+        root = self.config.training_root
+        if root is None:
+            raise CommandRejected("this control worker has no training root (--training-root): adds are refused")
+        if not train_dir.is_absolute():
+            raise CommandRejected(f"train_dir {str(train_dir)!r} is relative; send an absolute path")
+        resolved, root = train_dir.resolve(), root.resolve()
+        if not resolved.is_relative_to(root):
+            raise CommandRejected(f"train_dir {str(train_dir)!r} is outside the training root {str(root)!r}")
+        if not resolved.is_dir():
+            raise CommandRejected(f"train_dir {str(train_dir)!r} is not a readable folder")
+        return resolved
+
     def _train(self, command: ControlCommand, train_dir: Path, expert: str | None, far: float, limit: int | None,
                frame_budget_ms: float | None = None) -> None:
         """Train and publish one task; `expert` None = automatic choice among all experts; `frame_budget_ms`
         None = the worker's default per-frame budget."""
-        if not train_dir.is_dir():
-            raise CommandRejected(f"train_dir {str(train_dir)!r} is not a readable folder")
+        train_dir = self._confined(train_dir)
+        self._check_store_room(0, "before training")
         how = expert or "an automatically chosen expert"
         self._event(command, EventKind.STARTED, f"training {command.category!r} with {how} from {train_dir}",
                     progress=0.0, details={"expert": expert or "auto"})
@@ -217,6 +243,7 @@ class ControlWorker:
             command.category, train_dir, expert, self.backbones, self.model, training, far, limit,
             on_progress=lambda fraction, message: self._event(command, EventKind.PROGRESS, message, progress=fraction),
         )
+        self._check_store_room(sum(len(blob) for blob in task.blobs().values()), "for the trained task")
         version = self.store.publish(task, command_id=command.command_id)
         self._collect_garbage()
         seconds = time.perf_counter() - started
@@ -315,6 +342,9 @@ class ControlWorker:
             log.exception("store unreachable")
             return
         self.metrics.tasks_known.set(len(sizes))
+        memory = self.store.memory()
+        self.metrics.store_used_bytes.set(memory.used_bytes)
+        self.metrics.store_limit_bytes.set(memory.limit_bytes or 0)
         self.metrics.task_bytes.clear()
         for category, size in sizes.items():
             self.metrics.task_bytes.labels(category).set(size)

@@ -97,7 +97,8 @@ class BenchLine:
         self.bootstrap = stack.config.bootstrap_servers
         self.data = state / "data"
         self.logs = state / "logs"
-        self.control = spawn_worker("control", "bench-control", self.bootstrap, stack.config.redis_url, self.logs, threads=1)
+        self.control = spawn_worker("control", "bench-control", self.bootstrap, stack.config.redis_url, self.logs, threads=1,
+                                    extra_args=("--training-root", str(self.data)))
         self.inference: list[WorkerProcess] = []
         self.store_version = 0
         self._runs = 0

@@ -56,7 +56,7 @@ def run_demo(options: DemoOptions) -> int:
     status = stack.up()
     workers: list[WorkerProcess] = []
     try:
-        workers = _start_workers(stack, options.workers)
+        workers = _start_workers(stack, options.workers, root)
         training = _train(stack, topics, root, categories, options.max_train_images)
         serving = [w for w in workers if w.kind in ("infer", "monitor")]
         wait_for_store_version(serving, max(e["store_version"] for e in training.values()), timeout_s=600)
@@ -93,11 +93,11 @@ def _dataset(options: DemoOptions, state_dir: Path) -> tuple[Path, list[str]]:
     return synthetic_root, names
 
 
-def _start_workers(stack: LocalStack, count: int) -> list[WorkerProcess]:
+def _start_workers(stack: LocalStack, count: int, training_root: Path) -> list[WorkerProcess]:
     log_dir = stack.state_dir / "logs"
     common = dict(bootstrap=stack.config.bootstrap_servers, redis_url=stack.config.redis_url, log_dir=log_dir)
     # One torch thread per inference worker: N single-threaded workers beat N oversubscribed ones.
-    workers = [spawn_worker("control", "control-0", **common)]
+    workers = [spawn_worker("control", "control-0", extra_args=("--training-root", str(training_root)), **common)]
     workers += [spawn_worker("infer", f"infer-{i}", threads=1, **common) for i in range(count)]
     workers.append(spawn_worker("monitor", "monitor-0", threads=1, **common))  # audit sets after every store change
     for worker in workers:

@@ -96,6 +96,9 @@ class ControlMetrics(ConsumerMetrics):
         self.tasks_known = Gauge("inspection_tasks_known", "Tasks in the store", registry=registry)
         self.busy = Gauge("inspection_control_busy", "1 while a command is being carried out", registry=registry)
         self.task_bytes = Gauge("inspection_task_store_bytes", "Stored bytes per task", ["category"], registry=registry)
+        self.store_used_bytes = Gauge("inspection_store_used_bytes", "Memory Redis uses", registry=registry)
+        self.store_limit_bytes = Gauge("inspection_store_limit_bytes", "Redis' maxmemory (0: unbounded)",
+                                       registry=registry)
 
 
 def serve(registry: CollectorRegistry, host: str, port: int) -> int:

@@ -153,8 +153,9 @@ def redis_acl_rules(namespace: str = "kpk") -> dict[str, list[str]]:
             "-@dangerous"]
     # TIME: the store stamps manifests with the server's clock, so publishers and the garbage collector
     # agree on ages whatever their hosts' clocks say (TIME is in @dangerous only for being non-deterministic).
+    # INFO: the control worker reads used memory against maxmemory before it publishes a task.
     write = [f"~{keys}", f"&{keys}", "-@all", "+@read", "+@write", "+@transaction", "+@pubsub",
-             "+@connection", "-@dangerous", "+time"]
+             "+@connection", "-@dangerous", "+time", "+info"]
     rules = {"read": read, "write": write, "all": ["~*", "&*", "+@all"]}
     return {role.name: rules[role.redis] for role in ROLES.values() if role.redis != "none"}
 

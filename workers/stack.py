@@ -56,6 +56,7 @@ from workers.kafka_io import ensure_topics
 log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.1"
+STACK_FILE = "stack.json"  # the config of the last `up`, so `status` and `down` find the servers by folder alone
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
 ALERT_RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
 # Every user gets both mechanisms, so changing SecurityConfig.mechanism needs no new users.
@@ -187,6 +188,7 @@ class LocalStack:
         began = time.monotonic()
         self._check_tools()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        _write_private(self.state_dir / STACK_FILE, self.config.model_dump_json(indent=2))
         with self._lock():
             self._prepare_security()
             started: list[str] = []
@@ -528,7 +530,9 @@ class LocalStack:
     def _redis_command(self, home: Path) -> list[str]:
         c = self.config
         command = ["redis-server", "--port", str(c.redis_port), "--bind", c.host, "--dir", str(home),
-                   "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--protected-mode", "yes"]
+                   "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--protected-mode", "yes",
+                   # bounded, and never evicting: a blob evicted under a manifest would break its task
+                   "--maxmemory", f"{c.redis_maxmemory_mb}mb", "--maxmemory-policy", "noeviction"]
         if self.auth:
             # An ACL file rather than ACL SETUSER after start: no moment in which the default user is open.
             acl_file = home / "users.acl"
@@ -702,6 +706,7 @@ class LocalStack:
         for name in ("kafka", "redis", "prometheus", "credentials", "tls"):
             shutil.rmtree(self.state_dir / name, ignore_errors=True)
         self.security_file.unlink(missing_ok=True)
+        (self.state_dir / STACK_FILE).unlink(missing_ok=True)
         (self.state_dir / ".lock").unlink(missing_ok=True)
         try:
             self.state_dir.rmdir()  # only if nothing else lives there
@@ -722,6 +727,14 @@ class LocalStack:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def remembered_config(state_dir: Path) -> StackConfig | None:
+    """The config a stack in `state_dir` was last brought up with (its ports), if any."""
+    try:
+        return StackConfig.model_validate_json((state_dir.expanduser() / STACK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read, from its first byte on."""
     path.unlink(missing_ok=True)  # an older copy would keep its mode

@@ -25,9 +25,12 @@ from pipeline.common.serialization import pack, unpack
 from pipeline.core.inspector import Inspection, Inspector
 from pipeline.data.metrics import resize_to, roc_auc
 from pipeline.data.validation_anomalies import make_validation_anomalies
-from pipeline.features.imaging import decode_image, encode_png
+from pipeline.features.geometry import resize_uint8
+from pipeline.features.imaging import decode_image, encode_jpeg, encode_png
+from schemas.spec import InputSpec
 
-AUDIT_MAX_NORMALS = 16  # per task: 16 normals + 16 anomalies; a few MB in the store at most
+AUDIT_MAX_NORMALS = 16  # per task: 16 normals + 16 anomalies
+AUDIT_JPEG_QUALITY = 95
 METRICS = ("image_auroc", "pixel_auroc", "task_id_accuracy", "false_alarm_rate", "recall")
 LOWER_IS_BETTER = frozenset({"false_alarm_rate"})
 _MAX_PIXELS = 40_000_000
@@ -48,28 +51,62 @@ class AuditSet:
         return [decode_image(frame, _MAX_PIXELS) for frame in self.frames]
 
     def to_bytes(self) -> bytes:
+        """Masks as bits (8 pixels a byte) with their shapes: a byte a pixel was most of a task's store."""
         arrays = {f"frame_{i:03d}": np.frombuffer(f, dtype=np.uint8) for i, f in enumerate(self.frames)}
-        arrays |= {f"mask_{i:03d}": m.astype(np.uint8) for i, m in enumerate(self.masks) if m is not None}
-        return pack({"count": len(self.frames)}, arrays)
+        for i, mask in enumerate(self.masks):
+            if mask is not None:
+                arrays[f"mask_{i:03d}"] = np.packbits(mask.ravel())
+                arrays[f"mask_shape_{i:03d}"] = np.asarray(mask.shape, dtype=np.int64)
+        return pack({"count": len(self.frames), "mask_format": "bits"}, arrays)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "AuditSet":
+        """Either layout: bits (current), or a byte a pixel (sets stored before, kept byte-identical)."""
         meta, arrays = unpack(data)
         count = int(meta["count"])
         frames = tuple(arrays[f"frame_{i:03d}"].tobytes() for i in range(count))
-        masks = tuple(arrays[f"mask_{i:03d}"].astype(bool) if f"mask_{i:03d}" in arrays else None for i in range(count))
-        return cls(frames, masks)
+        return cls(frames, tuple(_mask(arrays, i, meta.get("mask_format")) for i in range(count)))
 
 
-def make_audit_set(normals: list[np.ndarray], seed: int) -> AuditSet | None:
+def _mask(arrays: dict[str, np.ndarray], index: int, mask_format: str | None) -> np.ndarray | None:
+    stored = arrays.get(f"mask_{index:03d}")
+    if stored is None:
+        return None
+    if mask_format != "bits":
+        return stored.astype(bool)
+    shape = tuple(int(side) for side in arrays[f"mask_shape_{index:03d}"])
+    return np.unpackbits(stored, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+def make_audit_set(normals: list[np.ndarray], seed: int, spec: InputSpec | None = None) -> AuditSet | None:
     """The audit normals (at most AUDIT_MAX_NORMALS) and one validation-family anomaly of each; None
-    when the audit split is empty."""
-    normals = [np.asarray(image, dtype=np.uint8) for image in normals[:AUDIT_MAX_NORMALS]]
+    when the audit split is empty.
+
+    Stored compactly, since every task's set lives in Redis: with a resized `spec` (squeeze, letterbox)
+    the normals are first shrunk to the size at which the expert sees them (its canvas; never enlarged),
+    and each frame is kept as whichever of PNG and JPEG (quality 95) is smaller. Tiles see native
+    pixels, so their frames keep their size."""
+    normals = [_at_canvas(np.asarray(image, dtype=np.uint8), spec) for image in normals[:AUDIT_MAX_NORMALS]]
     if not normals:
         return None
     altered, masks = make_validation_anomalies(normals, seed)
-    frames = tuple(encode_png(image, compress_level=6) for image in [*normals, *altered])
+    frames = tuple(_smallest_encoding(image) for image in [*normals, *altered])
     return AuditSet(frames, tuple([None] * len(normals) + [np.asarray(m) > 0 for m in masks]))
+
+
+def _at_canvas(image: np.ndarray, spec: InputSpec | None) -> np.ndarray:
+    if spec is None or spec.resize == "tiles":
+        return image
+    height, width = image.shape[:2]
+    scale = max(spec.height / height, spec.width / width) if spec.resize == "squeeze" else \
+        min(spec.height / height, spec.width / width)
+    if scale >= 1.0:
+        return image
+    return resize_uint8(image, max(1, round(height * scale)), max(1, round(width * scale)))
+
+
+def _smallest_encoding(image: np.ndarray) -> bytes:
+    return min(encode_png(image, compress_level=9), encode_jpeg(image, quality=AUDIT_JPEG_QUALITY), key=len)
 
 
 # ------------------------------------------------------------------------------------------- scoring

@@ -45,6 +45,16 @@ class _GarbagePlan:
     kept_versions: list[int]
 
 
+@dataclass(frozen=True)
+class StoreMemory:
+    used_bytes: int
+    limit_bytes: int | None  # Redis' maxmemory; None: unbounded
+
+    def fits(self, more_bytes: int, fraction: float) -> bool:
+        """Whether `more_bytes` can be added while staying within `fraction` of the limit."""
+        return self.limit_bytes is None or self.used_bytes + more_bytes <= fraction * self.limit_bytes
+
+
 class KnowledgeStore:
     def __init__(self, client: redis.Redis, namespace: str = "kpk"):
         self.client = client
@@ -104,6 +114,11 @@ class KnowledgeStore:
     def load_task(self, entry: TaskEntry) -> TaskArtifacts:
         blobs = {kind: self.blob(digest) for kind, digest in entry.blobs.items()}
         return TaskArtifacts.from_blobs(entry.category, entry.expert, blobs)
+
+    def memory(self) -> StoreMemory:
+        """Redis' used memory and its `maxmemory` (None when unbounded)."""
+        info = self.client.info("memory")
+        return StoreMemory(int(info["used_memory"]), int(info.get("maxmemory", 0)) or None)
 
     def task_sizes(self) -> dict[str, int]:
         return {name: entry.size_bytes for name, entry in self.manifest().tasks.items()}

@@ -293,7 +293,8 @@ def train_task(
         "fit_summary": summary,
         "model_config": model.model_dump(),
     }
-    audit = make_audit_set([read_training_image(path, training.min_image_side) for path in splits.audit], model.seed)
+    audit = make_audit_set([read_training_image(path, training.min_image_side) for path in splits.audit], model.seed,
+                           chosen.spec)
     meta["num_audit_frames"] = 0 if audit is None else len(audit.frames)
     on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})"
                      f"; audit set of {meta['num_audit_frames']} frames")
