@@ -109,7 +109,7 @@ class ProducerReplacementFailed(RuntimeError):
 
 class _Rebalances(ConsumerRebalanceListener):
     """Counts rebalances: a batch gathered across one is not delivered (part of it may be another
-    worker's now); its partitions that stay ours are read again from the batch's first offsets."""
+    worker's now); its partitions that stay ours are read again from their committed offsets."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -212,8 +212,8 @@ class InferenceWorker:
             return
         batch = self._ready.popleft()
         if batch.rebalances != self.rebalances.count or not _same_membership(batch.group, self._membership()):
-            # Gathered before a rebalance: read what is still ours again from the batch's start, under
-            # the new generation (the rest is another worker's now).
+            # Gathered before a rebalance or under a membership lost since: read what is still ours again
+            # from the committed offsets, under the new generation (the rest is another worker's now).
             log.info("batch of %d gathered across a rebalance or a lost membership; reading it again", len(batch.records))
             self._read_again(batch)
             return
