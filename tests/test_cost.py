@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.common.sampling import farthest_point_sampling
 from pipeline.core import cost
 from pipeline.core.cost import MachineSpeed, Work, counted
 from pipeline.core.expert_selection import Candidate, candidate_specs, choose, make_validation_set
@@ -20,7 +21,7 @@ from schemas.config import ModelConfig, TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # A fixed speed: what MachineSpeed.cached returns once it has measured this machine.
-SPEED = MachineSpeed({"efficientnet_lite0": 50.0, "efficientnet_lite2": 80.0, "dense": 100.0})
+SPEED = MachineSpeed({"efficientnet_lite0": 50.0, "efficientnet_lite2": 80.0, "dense": 100.0, "stream": 4.0})
 MODEL = ModelConfig(coreset_ratio=0.1, max_coreset_size=400, num_keys=8)
 
 
@@ -32,6 +33,18 @@ def test_work_is_counted_by_kind_and_costed_by_the_machines_speed() -> None:
     seconds = SPEED.seconds(Work(conv=50e9, dense=100e9), "efficientnet_lite0")
     assert seconds == pytest.approx(2.0)  # 1 s of convolutions at 50 GFLOP/s, 1 s of dense work at 100
     assert SPEED.seconds(Work(conv=100e9), "dinov2_vits14") == pytest.approx(1.0)  # a ViT's convs run dense
+
+
+def test_a_coresets_greedy_steps_are_counted_as_memory_bound_work() -> None:
+    """torch's counter does not see matrix-vector products: a coreset of a large fit set cost minutes
+    that the estimate called nothing. Each greedy step reads the whole projected bank once."""
+    points = torch.rand(1000, 16)
+    _, work = counted(lambda: farthest_point_sampling(points, 10))
+    assert work.stream == 10 * 2 * 1000 * 16 and work.dense == 0 and work.conv == 0
+    assert SPEED.seconds(Work(stream=4e9), "efficientnet_lite0") == pytest.approx(1.0)
+    for rows in (10, 30):  # below and above the size where cdist turns to a matrix product
+        _, work = counted(lambda: torch.cdist(torch.rand(2, rows, 8), torch.rand(2, 50, 8)))
+        assert work.dense == 2 * 2 * rows * 50 * 8  # PANDA's kNN
 
 
 def test_the_speed_is_measured_once_per_machine_then_read_back(tmp_path: Path, monkeypatch) -> None:

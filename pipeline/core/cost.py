@@ -8,10 +8,13 @@ expert, a deterministic function of shapes and fitted sizes) and turned into tim
 measured once per machine and thread count and cached in the cache root (`machine-speed.json`).
 
 Speeds are per kind of work, since a FLOP costs differently in each: the convolutions of each CNN
-backbone (depthwise layers run far below the matrix units), and dense matrix work (the ViT, the
-nearest-neighbour searches, heads), measured on the ViT. Work the counter does not see (blurs, resizes,
-top-k, stitching) is left out, so estimates are lower bounds; the measured wall time is reported beside
-them and decides nothing.
+backbone (depthwise layers run far below the matrix units); dense matrix work (the ViT, the
+nearest-neighbour searches, heads), measured on the ViT; and matrix-vector products, measured on
+farthest-point sampling itself. The last kind is memory-bound: each greedy step of a coreset reads the
+whole projected bank for 2 FLOPs a value, some 30 times slower per FLOP than a matrix product, and torch's
+counter does not see it at all, so an uncounted coreset of a large fit set once took minutes that the
+estimate called seconds. Work the counter still does not see (blurs, resizes, top-k, stitching) is left
+out, so estimates are lower bounds; the measured wall time is reported beside them and decides nothing.
 """
 
 from __future__ import annotations
@@ -28,35 +31,60 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.common.local_files import cache_root, write_atomically
+from pipeline.common.sampling import farthest_point_sampling
 from pipeline.features.backbone import Backbones
 from schemas.spec import CNN_BACKBONES
 
 T = TypeVar("T")
 DENSE = "dense"
+STREAM = "stream"  # matrix-vector products: memory-bound
 SPEED_FILE = "machine-speed.json"
 _PROBE_SIDE, _PROBE_BATCH, _PROBE_REPEATS = 224, 4, 3
+# farthest-point sampling over a bank far larger than any cache, as a coreset of a large fit set reads it
+_STREAM_PROBE_ROWS, _STREAM_PROBE_DIM, _STREAM_PROBE_STEPS = 1 << 19, 64, 32
+
+
+def _mv_flop(matrix_shape, vector_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * matrix_shape[0] * matrix_shape[1]
+
+
+def _cdist_flop(x1_shape, x2_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch.cdist as the matrix product it runs on for Euclidean distances (batch x N x M x D); larger
+    inputs reach the dispatcher as _euclidean_dist, already flattened to N x D and M x D."""
+    batch = 1
+    for side in x1_shape[:-2]:
+        batch *= side
+    return 2 * batch * x1_shape[-2] * x2_shape[-2] * x1_shape[-1]
+
+
+# Ops torch's counter leaves out that the experts spend real time in
+_EXTRA_FLOPS = {torch.ops.aten.mv: _mv_flop, torch.ops.aten._cdist_forward: _cdist_flop,
+                torch.ops.aten._euclidean_dist: _cdist_flop}
 
 
 @dataclass(frozen=True)
 class Work:
-    """FLOPs of convolutions and of dense matrix products (everything else the counter sees)."""
+    """FLOPs of convolutions, of matrix-vector products (`stream`) and of dense matrix products
+    (everything else the counter sees)."""
 
     conv: float = 0.0
     dense: float = 0.0
+    stream: float = 0.0
 
     def __add__(self, other: "Work") -> "Work":
-        return Work(self.conv + other.conv, self.dense + other.dense)
+        return Work(self.conv + other.conv, self.dense + other.dense, self.stream + other.stream)
 
     def scaled(self, factor: float) -> "Work":
-        return Work(self.conv * factor, self.dense * factor)
+        return Work(self.conv * factor, self.dense * factor, self.stream * factor)
 
 
 class WorkLimitReached(RuntimeError):
     """Raised inside `counted` once the work done passes its limit; `work` is what was done by then."""
 
     def __init__(self, work: Work):
-        super().__init__(f"work limit reached after {work.conv / 1e9:.0f} GFLOP of convolutions and "
-                         f"{work.dense / 1e9:.0f} GFLOP of dense work")
+        super().__init__(f"work limit reached after {work.conv / 1e9:.0f} GFLOP of convolutions, "
+                         f"{work.dense / 1e9:.0f} GFLOP of dense work and {work.stream / 1e9:.0f} GFLOP of "
+                         "matrix-vector work")
         self.work = work
 
 
@@ -65,7 +93,7 @@ class _MeteredCounter(FlopCounterMode):
     pass the add budget ends there instead of running to its end (checked after every counted op)."""
 
     def __init__(self, over: Callable[[Work], bool]):
-        super().__init__(display=False)
+        super().__init__(display=False, custom_mapping=_EXTRA_FLOPS)
         self._over = over
 
     def _count_flops(self, func_packet, out, args, kwargs):
@@ -80,30 +108,33 @@ class _MeteredCounter(FlopCounterMode):
 def counted(fn: Callable[[], T], over: Callable[[Work], bool] | None = None) -> tuple[T, Work]:
     """fn()'s result and the work it did. With `over`, fn is stopped by WorkLimitReached once
     `over(work so far)` is true: the bound is on counted work, so where it stops does not move with load."""
-    with (FlopCounterMode(display=False) if over is None else _MeteredCounter(over)) as counter:
+    counter_mode = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) if over is None else _MeteredCounter(over)
+    with counter_mode as counter:
         result = fn()
     return result, _work_of(counter.get_flop_counts())
 
 
 def _work_of(flop_counts) -> Work:
-    conv = dense = 0.0
+    conv = dense = stream = 0.0
     for op, flops in flop_counts.get("Global", {}).items():
         if "convolution" in str(op):
             conv += flops
+        elif op is torch.ops.aten.mv:
+            stream += flops
         else:
             dense += flops
-    return Work(conv, dense)
+    return Work(conv, dense, stream)
 
 
 @dataclass(frozen=True)
 class MachineSpeed:
-    """GFLOP/s this machine reaches per kind of work: each CNN backbone's convolutions, and DENSE."""
+    """GFLOP/s this machine reaches per kind of work: each CNN backbone's convolutions, DENSE and STREAM."""
 
     gflops: dict[str, float]
 
     def seconds(self, work: Work, backbone: str) -> float:
         conv_rate = self.gflops[backbone] if backbone in CNN_BACKBONES else self.gflops[DENSE]
-        return (work.conv / conv_rate + work.dense / self.gflops[DENSE]) / 1e9
+        return (work.conv / conv_rate + work.dense / self.gflops[DENSE] + work.stream / self.gflops[STREAM]) / 1e9
 
     @classmethod
     def measure(cls, backbones: Backbones) -> "MachineSpeed":
@@ -113,6 +144,8 @@ class MachineSpeed:
                   for i in range(_PROBE_BATCH)]
         rates = {name: _rate(lambda b=backbones.for_spec(name): b.extract(images, keys=False)) for name in CNN_BACKBONES}
         rates[DENSE] = _rate(lambda: backbones.default.extract(images, keys=True, cnn=False))
+        bank = torch.from_numpy(np.random.default_rng(0).random((_STREAM_PROBE_ROWS, _STREAM_PROBE_DIM), dtype=np.float32))
+        rates[STREAM] = _rate(lambda: farthest_point_sampling(bank, _STREAM_PROBE_STEPS))
         return cls(rates)
 
     @classmethod
@@ -122,7 +155,7 @@ class MachineSpeed:
         path = cache_root() / SPEED_FILE
         key = machine_key()
         known = _read(path)
-        if key in known:
+        if set(known.get(key, ())) >= {*CNN_BACKBONES, DENSE, STREAM}:  # else measured before a kind was added
             return cls(known[key])
         speed = cls.measure(backbones)
         write_atomically(path, json.dumps({**_read(path), key: speed.gflops}, indent=2, sort_keys=True).encode())
@@ -153,7 +186,7 @@ def _read(path) -> dict:
 def _rate(run: Callable[[], object]) -> float:
     _, work = counted(run)  # also the untimed first pass: kernels are set up once per shape
     best = min(_timed(run) for _ in range(_PROBE_REPEATS))
-    return (work.conv + work.dense) / max(best, 1e-6) / 1e9
+    return (work.conv + work.dense + work.stream) / max(best, 1e-6) / 1e9
 
 
 def _timed(run: Callable[[], object]) -> float:
@@ -162,4 +195,4 @@ def _timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-__all__ = ["DENSE", "MachineSpeed", "Work", "WorkLimitReached", "counted", "machine_key"]
+__all__ = ["DENSE", "STREAM", "MachineSpeed", "Work", "WorkLimitReached", "counted", "machine_key"]
