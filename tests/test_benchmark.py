@@ -1,5 +1,5 @@
-"""The offline benchmark: every candidate judged on test labels, the automatic choice among them, the
-operating point on more normals than test/good."""
+"""The offline benchmark: candidates judged on test labels (every fitted one, or only those the automatic
+choice kept), the automatic choice among them, the operating point on more normals than test/good."""
 
 from __future__ import annotations
 
@@ -16,14 +16,35 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory: pytest.TempPathFactory):
+def brick(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("bench")
     write_synthetic_category(root, "brick", "brick", n_train=24, n_test_good=6, n_test_defect=6, size=128, seed=2)
+    return root
+
+
+def _bench(root, experts, judge: str):
     training = TrainingConfig(max_train_images=16)
     model = ModelConfig(coreset_ratio=0.1, num_keys=8)
     # The budgets are not what is tested here: both admit every candidate.
-    return benchmark_category(root, "brick", ["patchcore", "fcdd"], Backbones.pretrained(), model, training,
-                              frame_budgets_ms=(1e5, 2e5))
+    return benchmark_category(root, "brick", experts, Backbones.pretrained(), model, training,
+                              frame_budgets_ms=(1e5, 2e5), judge=judge)
+
+
+@pytest.fixture(scope="module")
+def rows(brick):
+    return _bench(brick, ["patchcore", "fcdd"], "fitted")
+
+
+def test_by_default_only_the_kept_candidate_runs_on_test_and_the_others_keep_their_validation(brick) -> None:
+    rows = _bench(brick, ["fcdd"], "chosen")
+    candidates = [r for r in rows if not r.expert.startswith("auto")]
+    assert candidates and all(math.isnan(r.image_auroc) and not math.isnan(r.validation_score) for r in candidates)
+    auto, larger = (r for r in rows if r.expert.startswith("auto"))
+    assert not math.isnan(auto.image_auroc) and auto.num_far_normals == 6 + 8
+    best = max((r for r in candidates if r.status == "ok"), key=lambda r: r.validation_score)
+    assert (auto.chosen_expert, auto.spec, auto.validation_score) == (best.expert, best.spec, best.validation_score)
+    assert (larger.spec, larger.image_auroc) == (auto.spec, auto.image_auroc)  # tested once, repeated
+    assert math.isnan(auto.validation_test_spearman)  # nothing ranks candidates on test
 
 
 def test_every_candidate_has_a_row_and_the_choice_is_repeated_per_frame_budget(rows) -> None:

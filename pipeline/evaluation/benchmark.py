@@ -6,16 +6,17 @@ FAR_NORMALS normals measure false alarms where the product has them), then the r
 exactly as adding the task does (same seed, pipeline.core.training). The automatic choice runs as it does
 live (same candidates, validation set, image decisions, budgets, pipeline.core.expert_selection), once at
 each frame budget of `frame_budgets_ms` (the first is the default; each later one reuses the fits of the
-earlier ones, which are deterministic). Every candidate it fitted, plus every requested expert outside the
-automatic pool at its first candidate spec, is then calibrated on the calibration split and run on the
-test set through the live path (frame-resolution maps, its image decision). Reported per (category,
+earlier ones, which are deterministic). The candidates each choice kept (by default; `judge` "fitted":
+every candidate it fitted; "all": every candidate), plus every requested expert outside the automatic
+pool at its first candidate spec, are then calibrated on the calibration split and run on the test set
+through the live path (frame-resolution maps, its image decision). Reported per (category,
 expert, spec): fit time, ms per frame (measured on the test frames: views, backbone, expert, stitching),
 stored state size, validation score, image AUROC / AP, pixel AUROC, AUPRO, pixel AP and F1-max
 (full-resolution masks), and the operating point: recall and false-alarm rate at the calibrated threshold
 and recall at 1% false alarms from the ROC, over every test anomaly and every normal no role used; per
 defect type (each test/<type>), image AUROC against those normals and recall at the threshold. Per
-category, the Spearman rank correlation between validation score and test image AUROC over the fitted
-candidates says whether the choice can be trusted. One more row per frame budget repeats the candidate
+category, the Spearman rank correlation between validation score and test image AUROC over the tested
+candidates ("fitted" or "all") says whether the choice can be trusted. One more row per frame budget repeats the candidate
 the automatic choice kept, as `auto` (default budget) and `auto@<ms>ms`; it was chosen without test labels.
 """
 
@@ -44,7 +45,7 @@ from pipeline.experts.ucad import UCAD
 from pipeline.experts.frames import fit_batches, run_on_frames
 from pipeline.features.backbone import Backbones
 from pipeline.features.imaging import decode_image
-from schemas.config import DEFAULT_FRAME_BUDGET_MS, ModelConfig, TrainingConfig
+from schemas.config import BENCH_JUDGE_MODES, DEFAULT_FRAME_BUDGET_MS, ModelConfig, TrainingConfig
 from schemas.spec import InputSpec
 
 _MAX_PIXELS = 100_000_000
@@ -109,13 +110,17 @@ def benchmark_category(
     training: TrainingConfig,
     on_row: Callable[[BenchmarkRow], None] = lambda row: None,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
-    judge_all: bool = False,
+    judge: str = "chosen",
     frame_budgets_ms: Sequence[float] | None = None,
     speed: MachineSpeed | None = None,
 ) -> list[BenchmarkRow]:
-    """`judge_all`: also fit and test the candidates the automatic choice left unfitted at every frame
-    budget (over it or out of time); by default they get a row with their verdict and no test metrics.
+    """`judge` (BENCH_JUDGE_MODES) says which candidates are run on the test set: "chosen", only those an
+    automatic choice kept (the others get a row with their verdict, validation score and estimated cost);
+    "fitted", every candidate a choice fitted (and the validation-test Spearman); "all", also those it
+    left unfitted (over the per-frame budget or out of time), fitted here.
     `frame_budgets_ms` None: the training config's budget alone."""
+    if judge not in BENCH_JUDGE_MODES:
+        raise ValueError(f"judge must be one of {BENCH_JUDGE_MODES}, not {judge!r}")
     speed = speed or MachineSpeed.cached(backbones)
     frame_budgets_ms = list(frame_budgets_ms or [training.expert_budget_ms])
     train_dir = Path(root) / category / "train" / "good"
@@ -165,15 +170,15 @@ def benchmark_category(
         default = selections[0][1]
         for result in default.results:
             candidate = result.candidate
-            if candidate in cache:
+            if candidate in cache and judge != "chosen":
                 done = cache[candidate]
                 by_candidate[candidate] = emit(judged(done.expert, result.spec, done.judgement.decision, result,
                                                       done.wall_seconds, result.status))
-            elif result.status != "failed" and judge_all:
+            elif result.status != "failed" and candidate not in cache and judge == "all":
                 expert, seconds = fit_here(result.expert, result.spec, orientations=result.orientations)
                 by_candidate[candidate] = emit(judged(expert, result.spec, ImageDecision(), result, seconds, result.status))
             elif result.status != "failed":
-                emit(_unjudged(category, result, len(fit), len(test.frames)))
+                emit(_untested(category, result, len(fit), len(test.frames)))
     for name in (e for e in experts if e not in AUTO_EXPERTS):
         spec = candidate_specs(name, fit)[0]
         expert, fit_seconds = fit_here(name, spec)
@@ -182,11 +187,12 @@ def benchmark_category(
             plain, plain_seconds = fit_here(name, spec, UCAD(replace(expert.config, prompt_epochs=0)))
             emit(judged(plain, spec, ImageDecision(), None, plain_seconds, "ablation", label="ucad (no prompt)"))
     for budget_ms, selection in selections:
-        chosen = by_candidate.get(selection.chosen.candidate)
-        if chosen is None:  # chosen only at a larger budget: judged here
-            done = cache[selection.chosen.candidate]
-            chosen = judged(done.expert, selection.chosen.spec, done.judgement.decision, selection.chosen,
-                            done.wall_seconds, selection.chosen.status)
+        kept = selection.chosen.candidate
+        if kept not in by_candidate:  # not tested among the candidates' rows: tested here, once
+            done = cache[kept]
+            by_candidate[kept] = judged(done.expert, selection.chosen.spec, done.judgement.decision, selection.chosen,
+                                        done.wall_seconds, selection.chosen.status)
+        chosen = by_candidate[kept]
         label = "auto" if budget_ms == frame_budgets_ms[0] else f"auto@{budget_ms:g}ms"
         emit(replace(chosen, expert=label, frame_budget_ms=budget_ms, status=selection.chosen.status))
     return _with_spearman(rows)
@@ -202,12 +208,14 @@ def _with_spearman(rows: list[BenchmarkRow]) -> list[BenchmarkRow]:
     return [replace(r, validation_test_spearman=rho) for r in rows]
 
 
-def _unjudged(category: str, result, num_fit: int, num_test: int) -> BenchmarkRow:
-    """A candidate the automatic choice did not fit: its verdict and estimated cost, no test metrics."""
+def _untested(category: str, result: CandidateResult, num_fit: int, num_test: int) -> BenchmarkRow:
+    """A candidate not run on the test set: its verdict, validation score (NaN when it was not fitted)
+    and estimated cost, no test metrics."""
     nan = math.nan
     return BenchmarkRow(category=category, expert=result.expert, chosen_expert=result.expert, spec=_spec_text(result),
                         status=result.status, num_fit_images=num_fit, num_test_images=num_test, num_far_normals=0,
-                        fit_seconds=nan, ms_per_frame=nan, state_bytes=0, validation_score=nan,
+                        fit_seconds=result.measured_fit_seconds, ms_per_frame=nan, state_bytes=0,
+                        validation_score=result.score,
                         image_auroc=nan, image_ap=nan, pixel_auroc=nan, aupro=nan, pixel_ap=nan, pixel_f1_max=nan,
                         recall_at_threshold=nan, far_at_threshold=nan, recall_at_1pct_far=nan, note=result.detail,
                         estimated_ms_per_frame=result.ms_per_frame)
