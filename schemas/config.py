@@ -123,6 +123,9 @@ class ModelConfig(_Config):
 
 
 DEFAULT_FRAME_BUDGET_MS = 250.0  # the line's per-frame budget on this 2-core CPU
+# Which candidates the offline benchmark runs on the test set: those an automatic choice kept, every one
+# it fitted, or every one (pipeline.evaluation.benchmark)
+BENCH_JUDGE_MODES = ("chosen", "fitted", "all")
 
 
 class TrainingConfig(_Config):
@@ -216,3 +219,14 @@ class ControlConfig(_Config):
                                     "training and again with the trained task's size before publishing).")
     gc_grace_s: float = Field(default=300.0, ge=0, description="A superseded manifest is kept at least this long, "
                               "so a worker loading it never finds a blob gone.")
+    transaction_timeout_ms: int = Field(
+        default=10_000, ge=1000, le=60_000, description="How long a killed control worker's open transaction (a "
+        "command's final event and offset) can hold back read_committed readers before the broker aborts it.")
+    command_timeout_s: float = Field(
+        default=300.0, gt=0, le=86_400, description="A command running longer is answered failed and the worker "
+        "restarts; a command that trains gets this plus three times its add budget.")
+    fault_hang_category: str | None = Field(
+        default=None, description="Fault injection for tests: commands naming this category hang. None: off.")
+    fault_exit_before_commit_category: str | None = Field(
+        default=None, description="Fault injection for tests: the first process of a supervised worker exits with "
+        "the final event of a command naming this category sent but not committed. None: off.")

@@ -56,6 +56,8 @@ from workers.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 MAX_FRAME_BYTES = 1_000_000  # the inference worker's own limit, below the topic's, to test oversize frames
+COMMAND_TIMEOUT_S = 15  # the line's control worker: commands that train nothing are quick
+HANGS, DIES_BEFORE_COMMIT = "hangs", "dies-before-commit"  # categories whose commands the control worker faults on
 
 
 @dataclass
@@ -120,7 +122,9 @@ def line(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
     redis.Redis.from_url(redis_url).flushdb()
     log_dir = stack.state_dir / "worker-logs"
     control = spawn_worker("control", "control-test", stack.config.bootstrap_servers, redis_url, log_dir, threads=1,
-                           extra_args=("--training-root", str(data)))
+                           extra_args=("--training-root", str(data), "--command-timeout-s", str(COMMAND_TIMEOUT_S),
+                                       "--fault-hang-category", HANGS,
+                                       "--fault-exit-before-commit-category", DIES_BEFORE_COMMIT))
     line = Line(stack, TopicsConfig(), data, redis_url, log_dir, control, [])
     line.spawn_inference("infer-a")
     try:
@@ -332,6 +336,32 @@ def test_a_redelivered_command_is_answered_not_redone(line: Line):
     assert second.kind == EventKind.FINISHED and second.store_version == first.store_version
     assert second.details.get("redelivered") is True
     assert line.store.version() == version  # not carried out again
+
+
+def _final_events(line: Line, command_id: str) -> list[TrainingEvent]:
+    """Every final event of `command_id` a read_committed reader sees, once the topic has been read to its end."""
+    return [e for e in read_events(line.bootstrap, line.topics, 10)
+            if e.command_id == command_id and e.kind in (EventKind.FINISHED, EventKind.FAILED)]
+
+
+def test_a_worker_killed_before_its_final_commit_answers_the_command_once(line: Line):
+    """Its final event was sent inside the transaction, not committed: a read_committed reader never sees
+    it, the restarted worker gets the command again and answers it; one final event in all."""
+    command = RemoveCategory(category=DIES_BEFORE_COMMIT)
+    [outcome] = line.command(command, timeout_s=180)
+    assert outcome.kind == EventKind.FAILED and "unknown category" in outcome.message
+    assert "fault injection: exiting before the final commit" in line.control.log_tail(100_000)
+    assert len(_final_events(line, command.command_id)) == 1
+    [done] = line.command(SetThreshold(category="brick", false_alarm_rate=0.05), timeout_s=120)
+    assert done.kind == EventKind.FINISHED and line.control.alive()
+
+
+def test_a_hung_command_is_answered_once_and_later_commands_go_on(line: Line):
+    hung, after = line.command(SetThreshold(category=HANGS, false_alarm_rate=0.05), RemoveCategory(category="never-added"),
+                               timeout_s=180)
+    assert hung.kind == EventKind.FAILED and f"timed out after {COMMAND_TIMEOUT_S:.0f} s" in hung.message
+    assert after.kind == EventKind.FAILED and "unknown category" in after.message  # answered after the restart
+    assert len(_final_events(line, hung.command_id)) == 1 and line.control.alive()
 
 
 def test_rollback_serves_an_earlier_task_version_byte_identical(line: Line):

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from schemas.config import (
+    BENCH_JUDGE_MODES,
     ControlConfig,
     InferenceConfig,
     ModelConfig,
@@ -74,8 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--training-root", type=Path, default=None,
                         help="control: adds train only on folders under this one (without it, adds are refused)")
     worker.add_argument("--transaction-timeout-ms", type=int, default=InferenceConfig().transaction_timeout_ms,
-                        help="infer: how long a killed worker's open transaction holds back read_committed readers")
+                        help="infer and control: how long a killed worker's open transaction holds back "
+                        "read_committed readers")
+    worker.add_argument("--command-timeout-s", type=float, default=ControlConfig().command_timeout_s,
+                        help="control: " + ControlConfig.model_fields["command_timeout_s"].description)
     worker.add_argument("--fault-sleep-after-first-commit-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    worker.add_argument("--fault-hang-category", default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--fault-exit-before-commit-category", default=None, help=argparse.SUPPRESS)
     worker.add_argument("--no-supervisor", action="store_true",
                         help="run in this process; by default a parent restarts the worker if its consumer gets stuck")
     _connection_options(worker)
@@ -110,15 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="offline benchmark of every expert on every category of a dataset root")
     bench.add_argument("--root", type=Path, default=Path("../shared/datasets"))
     bench.add_argument("--category", action="append", default=None, help="default: every category under --root")
-    bench.add_argument("--expert", action="append", default=None, help="default: every expert")
+    bench.add_argument("--expert", action="append", default=None, help="default: the automatic choice's pool "
+                       "(name reverse_distillation or ucad to add them)")
     bench.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images,
                        help="optional cap on each category's images (default: every one)")
     bench.add_argument("--frame-budget-ms", type=float, action="append", default=None,
                        help="per-frame budgets the automatic choice runs at, the first as the `auto` row "
                        "(default: 250 and 2500, the default and a GPU-class budget)")
     bench.add_argument("--seed", type=int, default=ModelConfig().seed)
-    bench.add_argument("--judge-all", action="store_true", help="also fit and test the candidates the automatic "
-                       "choice leaves unfitted (over the per-frame budget or out of time)")
+    bench.add_argument("--judge", choices=BENCH_JUDGE_MODES, default="chosen", help="candidates run on the test set: "
+                       "those the automatic choice kept (default), every one it fitted (adds the validation-test "
+                       "Spearman), or all, the ones it left unfitted fitted here")
     bench.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     bench.set_defaults(handler=_bench)
 
@@ -284,7 +292,10 @@ def _worker(args: argparse.Namespace) -> int:
     else:
         from workers.control import ControlWorker
 
-        config = ControlConfig(metrics_port=args.metrics_port, training_root=args.training_root)
+        config = ControlConfig(metrics_port=args.metrics_port, training_root=args.training_root,
+                               transaction_timeout_ms=args.transaction_timeout_ms,
+                               command_timeout_s=args.command_timeout_s, fault_hang_category=args.fault_hang_category,
+                               fault_exit_before_commit_category=args.fault_exit_before_commit_category)
         worker = ControlWorker(args.bootstrap, topics, config, ModelConfig(),
                                TrainingConfig(), backbones, store, ControlMetrics(registry), worker_id)
     port = serve(registry, args.metrics_host, args.metrics_port)
@@ -358,7 +369,7 @@ def _send_control(args: argparse.Namespace, command) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pipeline.data.datasets import discover_categories
     from pipeline.evaluation.benchmark import benchmark_category, markdown_table, rows_as_dicts
-    from pipeline.experts import EXPERT_TYPES
+    from pipeline.core.expert_selection import AUTO_EXPERTS
     from pipeline.features.backbone import Backbones
 
     from pipeline.evaluation.benchmark import GPU_CLASS_FRAME_BUDGET_MS
@@ -376,11 +387,11 @@ def _bench(args: argparse.Namespace) -> int:
     for category in args.category or discover_categories(args.root):
         with fraction_bar(f"bench {category}", disable=bars_disabled(args.quiet)) as on_progress:
             rows += benchmark_category(
-                args.root, category, args.expert or list(EXPERT_TYPES), backbones, model, training,
+                args.root, category, args.expert or list(AUTO_EXPERTS), backbones, model, training,
                 on_row=lambda row: log.info("%s/%s @ %s: image AUROC %.4f, recall@1%%FAR %.3f, %.0f ms/frame",
                                             row.category, row.expert, row.spec, row.image_auroc,
                                             row.recall_at_1pct_far, row.ms_per_frame),
-                on_progress=on_progress, judge_all=args.judge_all, frame_budgets_ms=budgets,
+                on_progress=on_progress, judge=args.judge, frame_budgets_ms=budgets,
             )
     print(markdown_table(rows))
     if args.json:

@@ -6,23 +6,31 @@ and a consumer that stops polling for that long loses its group membership (kafk
 spin inside poll() for good; see workers/liveness.py). A command ends with a `finished` or `failed`
 event that names its command id whenever the id can be read, even from a malformed command.
 
-Idempotence: the store records which command produced each version. The offset is committed after
-the command is carried out, so a crash or a lost membership redelivers it; a redelivered command whose
-id the store already knows is answered `finished` with that version, not carried out again.
+Exactly one final event per command id. A command's final event (`finished` or `failed`, with its dead
+letter for a malformed one) and its control offset are one Kafka transaction, committed under the group
+membership the command was polled in; `started` and `progress` events go in small transactions of their
+own. A worker killed before that commit leaves nothing a read_committed reader sees, and the command is
+redelivered. Idempotence: the store records which command produced each version, so a redelivered
+command whose id the store already knows is answered `finished` with that version, not carried out again.
+
+A command that runs past its timeout (ControlConfig.command_timeout_s, plus three times the add budget
+for one that trains) is answered `failed` with its offset, and the worker then exits for its supervisor
+to restart it: a Python thread cannot be stopped, and a hung command must neither block later commands
+nor publish after its answer.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 from pipeline.features.backbone import Backbones
 from schemas.spec import InputSpec
@@ -40,29 +48,46 @@ from schemas.messages import (
     RollbackCategory,
     SchemaError,
     SetThreshold,
+    Record,
     TrainingEvent,
     command_fields_of,
     parse_control,
 )
-from workers.kafka_io import make_consumer, make_producer, record_of, send_record
-from workers.liveness import PollWatchdog
+from workers.kafka_io import make_consumer, make_transactional_producer, record_of
+from workers.liveness import RESTARTS_ENV, PollWatchdog
 from workers.metrics import ControlMetrics
+from workers.security import TRANSACTIONAL_ID_PREFIXES
+from workers.transactions import TransactionFailed, TransactionSlot
 
 log = logging.getLogger(__name__)
+
+
+_FINAL_KINDS = (EventKind.FINISHED, EventKind.FAILED)
+_TRAINING_TIMEOUT_FACTOR = 3.0  # x the add budget: an add's wall time ran up to 2.3 x its counted budget
+EXIT_FAULT = 70  # the exit code of an injected fault
 
 
 class CommandRejected(Exception):
     """A well-formed command that cannot be carried out (unknown category, missing folder, ...)."""
 
 
+class CommandTimedOut(RuntimeError):
+    """A command ran past its timeout: it was answered `failed`; the worker stops for its supervisor."""
+
+
 @dataclass
 class _Running:
-    """The command being carried out on its own thread, and where to commit once it is done."""
+    """The command being carried out on its own thread, and what to commit once it is done."""
 
     partition: TopicPartition
     next_offset: int
+    group: ConsumerGroupMetadata  # the membership it was polled in: its offset is committed under it
     thread: threading.Thread
+    fields: dict  # what could be read of the command (command_id, action, category), for a timeout's answer
+    timeout_s: float  # from its start (time.monotonic()); training raises it to its add budget's share
+    started: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
+    final: list[tuple[str, Record]] = field(default_factory=list)  # its final event (and dead letter)
 
 
 class ControlWorker:
@@ -91,7 +116,11 @@ class ControlWorker:
             bootstrap, config.group_id, [topics.control], topics, client_id=worker_id, max_poll_records=1,
             **client_options,
         )
-        self.producer: KafkaProducer = make_producer(bootstrap, topics, client_id=worker_id, **client_options)
+        slot_id = TRANSACTIONAL_ID_PREFIXES["control"] + worker_id  # stable: a restart fences its predecessor
+        self.slot = TransactionSlot(
+            slot_id, lambda: make_transactional_producer(bootstrap, topics, slot_id, config.transaction_timeout_ms,
+                                                         **client_options),
+            step_timeout_s=config.transaction_timeout_ms / 1000 + 5, stuck_after_s=config.stuck_after_s)
         self.watchdog = PollWatchdog(metrics, config.stuck_after_s)
         self._running: _Running | None = None
         self._handlers: dict[type, Callable] = {
@@ -114,11 +143,12 @@ class ControlWorker:
                     for consumer_record in records:
                         self._take(consumer_record)
                 self._finish_if_done()
+                self._give_up_if_overdue()
         finally:
             # A command still running is not committed: it is redelivered (and recognised) on restart.
             self.watchdog.stop()
             self.consumer.close()
-            self.producer.close()
+            self.slot.close()
 
     def _take(self, consumer_record) -> None:
         partition = TopicPartition(consumer_record.topic, consumer_record.partition)
@@ -128,14 +158,18 @@ class ControlWorker:
             self.consumer.pause(partition)
             return
         self.consumer.pause(partition)
-        running = _Running(partition, consumer_record.offset + 1, threading.Thread(
-            target=lambda: self._handle_then_signal(consumer_record), name="command", daemon=True))
+        running = _Running(partition, consumer_record.offset + 1, self.consumer.group_metadata(), threading.Thread(
+            target=lambda: self._handle_then_signal(consumer_record), name="command", daemon=True),
+            command_fields_of(consumer_record.value), self.config.command_timeout_s)
         self._running = running
         self.metrics.busy.set(1)
         running.thread.start()
 
     def _handle_then_signal(self, consumer_record) -> None:
         try:
+            if self.config.fault_hang_category and \
+                    command_fields_of(consumer_record.value).get("category") == self.config.fault_hang_category:
+                time.sleep(3600)  # fault injection (tests): a command that hangs
             self.handle(consumer_record)
         finally:
             self._running.done.set()
@@ -146,14 +180,51 @@ class ControlWorker:
             return
         self._running = None
         self.metrics.busy.set(0)
-        try:
-            self.consumer.commit({running.partition: OffsetAndMetadata(running.next_offset, "", -1)})
-        except KafkaError as exc:
-            # Membership lost meanwhile: the command comes again and the store's record answers it.
-            log.warning("commit of control offset %d failed (%s); the command will be redelivered and "
-                        "recognised", running.next_offset, exc)
+        self._commit_final(running)
         if running.partition in self.consumer.assignment():
             self.consumer.resume(running.partition)
+
+    def _commit_final(self, running: _Running) -> None:
+        """The command's final records and its offset, in one transaction under the membership it was
+        polled in. A failure (membership lost meanwhile, broker away) leaves neither: the command comes
+        again, and the store's record of its id answers it without redoing it."""
+        offsets = {running.partition: OffsetAndMetadata(running.next_offset, "", -1)}
+        try:
+            self.slot.commit(running.final, offsets, running.group, before_commit=lambda: self._fault_exit(running))
+        except TransactionFailed as exc:
+            log.warning("final event and offset %d of a command were not committed (%s); the command will be "
+                        "redelivered and recognised", running.next_offset, exc)
+            self._rewind(running.partition)
+
+    def _fault_exit(self, running: _Running) -> None:
+        """Fault injection (tests): the first process of a supervised worker dies with a command's final
+        event sent in its transaction but not committed."""
+        category = self.config.fault_exit_before_commit_category
+        if category is not None and running.fields.get("category") == category \
+                and os.environ.get(RESTARTS_ENV, "0") == "0":
+            log.error("fault injection: exiting before the final commit of %s", running.fields.get("command_id"))
+            os._exit(EXIT_FAULT)  # noqa: SLF001 - a kill, as far as the broker can tell
+
+    def _rewind(self, partition: TopicPartition) -> None:
+        if partition in self.consumer.assignment():
+            committed = self.consumer.committed(partition, timeout_ms=30_000)
+            self.consumer.seek(partition, 0 if committed is None else committed)
+
+    def _give_up_if_overdue(self) -> None:
+        """A command past its deadline is answered `failed` with its offset, then the worker stops."""
+        running = self._running
+        if running is None or running.done.is_set() or time.monotonic() - running.started < running.timeout_s:
+            return
+        fields = running.fields
+        message = (f"{fields.get('action')} timed out after {running.timeout_s:.0f} s; the control worker "
+                   "restarts, and later commands go on")
+        log.error("command %s: %s", fields.get("command_id"), message)
+        running.final = [(self.topics.events, TrainingEvent(
+            command_id=fields.get("command_id"), action=fields.get("action"), category=fields.get("category"),
+            kind=EventKind.FAILED, message=message).to_record())]
+        self.metrics.commands.labels(str(fields.get("action") or "invalid"), "failed").inc()
+        self._commit_final(running)
+        raise CommandTimedOut(message)
 
     # ------------------------------------------------------------------------------- dispatch
     def handle(self, consumer_record) -> None:
@@ -239,6 +310,7 @@ class ControlWorker:
                     progress=0.0, details={"expert": expert or "auto"})
         started = time.perf_counter()
         training = self.training if frame_budget_ms is None else self.training.at_frame_budget(frame_budget_ms)
+        self._running.timeout_s = self.config.command_timeout_s + _TRAINING_TIMEOUT_FACTOR * training.scaled_add_budget_s
         task = train_task(
             command.category, train_dir, expert, self.backbones, self.model, training, far, limit,
             on_progress=lambda fraction, message: self._event(command, EventKind.PROGRESS, message, progress=fraction),
@@ -314,11 +386,18 @@ class ControlWorker:
 
     # ------------------------------------------------------------------------------- outputs
     def _event(self, command: ControlCommand, kind: EventKind, message: str, **fields) -> None:
+        """A final event waits to be committed with the command's offset; others go at once, each in a
+        transaction of its own (an operator follows progress)."""
         log.info("%s %s: %s", command.category, kind.value, message)
         event = TrainingEvent(command_id=command.command_id, action=command.action, category=command.category,
                               kind=kind, message=message, **fields)
-        send_record(self.producer, self.topics.events, event.to_record())
-        self.producer.flush()
+        if kind in _FINAL_KINDS:
+            self._running.final.append((self.topics.events, event.to_record()))
+            return
+        try:
+            self.slot.commit([(self.topics.events, event.to_record())])
+        except TransactionFailed as exc:  # progress is information: the command goes on
+            log.warning("%s event not sent (%s)", kind.value, exc)
 
     def _bad_command(self, consumer_record, record, detail: str) -> None:
         """Dead-letter a malformed command; its failed event names whatever of it can be read (its id above
@@ -331,9 +410,7 @@ class ControlWorker:
         letter = DeadLetter.of(record, self.topics.max_message_bytes, worker_id=self.worker_id,
                                source_topic=consumer_record.topic, partition=consumer_record.partition,
                                offset=consumer_record.offset, reason=DeadLetterReason.BAD_COMMAND, detail=detail[:2000])
-        send_record(self.producer, self.topics.events, event.to_record())
-        send_record(self.producer, self.topics.dead_letter, letter.to_record())
-        self.producer.flush()
+        self._running.final += [(self.topics.events, event.to_record()), (self.topics.dead_letter, letter.to_record())]
 
     def _refresh_gauges(self) -> None:
         try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 from pipeline.features.imaging import ImageDecodeError, anomaly_map_to_png, decode_image, find_boxes
@@ -59,6 +59,7 @@ from workers.kafka_io import (
 )
 from workers.liveness import PollWatchdog
 from workers.metrics import InferenceMetrics
+from workers.transactions import TransactionFailed, TransactionSlot
 
 log = logging.getLogger(__name__)
 TRANSACTIONAL_ID_PREFIX = "inspection-infer-"
@@ -101,10 +102,6 @@ def _same_membership(polled: ConsumerGroupMetadata | None, now: ConsumerGroupMet
 class _Delivery:
     batch: _Batch
     done: Future  # True: delivered (and, exactly-once, committed); False: to be read again
-
-
-class ProducerReplacementFailed(RuntimeError):
-    """The transaction producer could not be replaced in time: the worker stops for its supervisor."""
 
 
 class _Rebalances(ConsumerRebalanceListener):
@@ -153,15 +150,26 @@ class InferenceWorker:
             partition_assignment_strategy=[RoundRobinPartitionAssignor], **client_options,
         )
         subscribe(self.consumer, [topics.frames], listener=self.rebalances)
-        self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transaction")
         self._decoder = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
         self._delivery = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery")
         self._ready: deque[_Batch] = deque()  # polled and decoding, oldest first (at most two)
         self._in_flight: _Delivery | None = None
-        self.producer: KafkaProducer = self._new_producer()
+        self._fault_sleep_s = config.fault_sleep_after_first_commit_s
+        # exactly-once: the slot's id is stable across restarts, so a new instance fences the old one and
+        # aborts its transaction; at-least-once: a plain producer
+        self.slot: TransactionSlot | None = None
+        self.producer: KafkaProducer | None = None
+        if self.transactional:
+            self.slot = TransactionSlot(
+                TRANSACTIONAL_ID_PREFIX + worker_id,
+                lambda: make_transactional_producer(bootstrap, topics, TRANSACTIONAL_ID_PREFIX + worker_id,
+                                                    config.transaction_timeout_ms, **client_options),
+                step_timeout_s=config.transaction_timeout_ms / 1000 + 5, stuck_after_s=config.stuck_after_s,
+                after_commit=self._fault_after_commit)
+        else:
+            self.producer = make_producer(bootstrap, topics, client_id=worker_id, **client_options)
         self.watchdog = PollWatchdog(metrics, config.stuck_after_s)
         self._next_store_check = 0.0
-        self._fault_sleep_s = config.fault_sleep_after_first_commit_s
         self._next_lag_check = 0.0
         # No frame is taken before the store was read once: a worker started while Redis is down would
         # otherwise answer every frame "unknown" (no task loaded), silently.
@@ -171,13 +179,6 @@ class InferenceWorker:
     @property
     def transactional(self) -> bool:
         return self.config.delivery == "exactly_once"
-
-    def _new_producer(self) -> KafkaProducer:
-        if not self.transactional:
-            return make_producer(self.bootstrap, self.topics, client_id=self.worker_id, **self.client_options)
-        # The slot's id is stable across restarts: a new instance fences the old and aborts its transaction.
-        return make_transactional_producer(self.bootstrap, self.topics, TRANSACTIONAL_ID_PREFIX + self.worker_id,
-                                           self.config.transaction_timeout_ms, **self.client_options)
 
     # ------------------------------------------------------------------------------------- loop
     def run(self, stop: threading.Event) -> None:
@@ -197,8 +198,10 @@ class InferenceWorker:
             self._decoder.shutdown(wait=False, cancel_futures=True)
             self._delivery.shutdown(wait=True)
             self.consumer.close()
-            self.producer.close()
-            self._steps.shutdown(wait=False)
+            if self.slot is not None:
+                self.slot.close()
+            else:
+                self.producer.close()
 
     def _step(self) -> None:
         """Poll the next batch (waiting only when none is ready) and start decoding it; then inspect the
@@ -444,72 +447,21 @@ class InferenceWorker:
 
     # ------------------------------------------------------------------------------ delivery
     def _deliver_in_transaction(self, outgoing: list[tuple[str, Record]], records: list, group) -> bool:
-        """Results, dead letters and the batch's offsets become visible together, or not at all.
-
-        kafka-python waits for a transaction's steps without a timeout; a broker that died mid-commit
-        left a worker blocked for over a minute after the broker was back. Each step therefore runs on
-        the producer's own thread, bounded; one that overruns is given up with its producer, and a new
-        producer in the same slot fences the old one and aborts its transaction."""
+        """Results, dead letters and the batch's offsets become visible together, or not at all (the
+        slot bounds every step; ProducerFencedError and ProducerReplacementFailed stop the worker)."""
         try:
-            self._bounded(self.producer.begin_transaction)
-            sent = [send_record(self.producer, topic, record) for topic, record in outgoing]
-            # kafka-python may fail a record in its future (authorization, metadata) without raising, and
-            # the commit would then succeed without it: every record is acknowledged before the offsets go
-            self._bounded(self.producer.flush)
-            for future in sent:
-                future.get(timeout=0)
-            offsets = _next_offsets(records)
-            self._bounded(lambda: self.producer.send_offsets_to_transaction(offsets, group))
-            self._bounded(self._commit_transaction)
-            self.metrics.transactions.labels("committed").inc()
-            return True
-        except ProducerFencedError:
-            raise  # another instance owns this slot now: this one must stop (its supervisor says so)
-        except (KafkaError, FutureTimeout) as exc:
-            log.warning("transaction of a batch of %d failed (%s: %s); aborted, its frames come again",
-                        len(records), type(exc).__name__, exc)
+            self.slot.commit(outgoing, _next_offsets(records), group)
+        except TransactionFailed as exc:
+            log.warning("transaction of a batch of %d failed (%s); aborted, its frames come again", len(records), exc)
             self.metrics.transactions.labels("aborted").inc()
-            self._abort(timed_out=isinstance(exc, FutureTimeout))
             return False
+        self.metrics.transactions.labels("committed").inc()
+        return True
 
-    def _commit_transaction(self) -> None:
-        self.producer.commit_transaction()
+    def _fault_after_commit(self) -> None:
         if self._fault_sleep_s:  # fault injection (tests): a commit done on the broker whose wait overruns
             delay, self._fault_sleep_s = self._fault_sleep_s, 0.0
             time.sleep(delay)
-
-    def _bounded(self, step):
-        """Run one transaction step, waiting at most the transaction timeout plus 5 s."""
-        return self._steps.submit(step).result(timeout=self.config.transaction_timeout_ms / 1000 + 5)
-
-    def _abort(self, timed_out: bool) -> None:
-        if not timed_out:
-            try:
-                self._bounded(self.producer.abort_transaction)
-                return
-            except (KafkaError, FutureTimeout) as exc:
-                log.warning("abort failed (%s: %s)", type(exc).__name__, exc)
-        self._replace_producer()
-
-    def _replace_producer(self) -> None:
-        """A fresh producer in the same slot: its init fences the old one and aborts its transaction."""
-        log.warning("starting a new producer for slot %s", self.worker_id)
-        stuck, self.producer = self.producer, None
-        self._steps.shutdown(wait=False)  # its thread may stay blocked on the old producer; let it go
-        self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transaction")
-        threading.Thread(target=lambda: stuck.close(timeout=5), daemon=True).start()
-        # The poll thread beats the watchdog while it waits for this delivery, so the bound is here:
-        # past stuck_after_s the worker exits and its supervisor starts it afresh.
-        give_up_at = time.monotonic() + self.config.stuck_after_s
-        while self.producer is None:
-            try:
-                self.producer = self._new_producer()
-            except KafkaError as exc:  # broker still away: try again, for a while
-                if time.monotonic() >= give_up_at:
-                    raise ProducerReplacementFailed(
-                        f"no new producer for slot {self.worker_id} within {self.config.stuck_after_s:.0f} s") from exc
-                log.warning("new producer not ready (%s); retrying", exc)
-                time.sleep(1)
 
     def _rewind(self, records: list) -> None:
         """Read the batch's partitions again from their committed offsets. Not from the batch's own first
