@@ -357,15 +357,24 @@ def test_redis_control_writes_the_store_and_inference_reads_it(auth_stack: Local
         inference.close()
 
 
-def test_redis_inference_cannot_write_the_store(auth_stack: LocalStack) -> None:
-    inference = _redis(auth_stack, "inference")
+@pytest.mark.parametrize("role", ["inference", "monitor"])
+def test_redis_readers_cannot_write_the_store(auth_stack: LocalStack, role: str) -> None:
+    reader = _redis(auth_stack, role)
     try:
-        for write in (lambda: inference.set("kpk:manifest", "forged"), lambda: inference.delete("kpk:version"),
-                      lambda: inference.publish("kpk:updates", 99), lambda: inference.flushdb()):
+        reader.get("kpk:version")  # reads are allowed (a refusal raises NoPermissionError)
+        for write in (lambda: reader.set("kpk:manifest", "forged"), lambda: reader.delete("kpk:version"),
+                      lambda: reader.publish("kpk:updates", 99), lambda: reader.flushdb()):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 write()
     finally:
-        inference.close()
+        reader.close()
+
+
+def test_monitor_cannot_send_control_commands_or_read_any_topic(auth_stack: LocalStack) -> None:
+    _refused_send(auth_stack, "monitor", auth_stack.topics.control)
+    _refused_send(auth_stack, "monitor", auth_stack.topics.frames)
+    acls = security.kafka_acls(auth_stack.topics)
+    assert not any(acl.principal == "User:monitor" for acl in acls)  # no grant at all: Kafka denies everything
 
 
 def test_redis_users_are_confined_to_the_namespace(auth_stack: LocalStack) -> None:
@@ -442,8 +451,8 @@ def test_tls_credentials_name_the_ca_file(tmp_path: Path) -> None:
 
 def test_redis_acl_rules_grant_reads_only_to_readers() -> None:
     rules = security.redis_acl_rules("kpk")
-    assert set(rules) == {"admin", "operator", "inference", "control"}
-    for reader in ("operator", "inference"):
+    assert set(rules) == {"admin", "operator", "inference", "control", "monitor"}
+    for reader in ("operator", "inference", "monitor"):
         assert "+@write" not in rules[reader] and "%R~kpk:*" in rules[reader]
     assert "+@write" in rules["control"] and "~kpk:*" in rules["control"]
 

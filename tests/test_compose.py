@@ -193,7 +193,7 @@ def test_compose_go_loads_the_project_with_every_profile(resolved: dict[str, Any
     for name, service in resolved["services"].items():
         if _ours(name) and name not in ("kafka-init", "redis-acl"):
             env = service["environment"]  # env_file merged in
-            role = {"monitor": "operator", "inference-gpu": "inference"}.get(name, name)
+            role = {"inference-gpu": "inference"}.get(name, name)
             assert env["INSPECTION_KAFKA_USERNAME"] == role, name
             assert env["INSPECTION_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
             assert service["command"] == _as_argv(SERVICES[name], "command")
@@ -581,7 +581,7 @@ def test_the_secrets_generator_makes_every_roles_credentials(tmp_path: Path) -> 
     assert len(_secret_values(out)) == len(security.ROLES) + len(security.redis_acl_rules()) + 1  # all distinct
     # Compose refers to exactly these files, and each worker to its role's.
     assert {Path(s["file"]).name for s in COMPOSE["secrets"].values()} == set(first)
-    roles = {"control": "control", "inference": "inference", "inference-gpu": "inference", "monitor": "operator",
+    roles = {"control": "control", "inference": "inference", "inference-gpu": "inference", "monitor": "monitor",
              "operator": "operator", "camera": "camera"}
     for name, role in roles.items():
         assert _env_files(SERVICES[name]) == [COMPOSE_DIR / "secrets" / f"{role}.env"], name

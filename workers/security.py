@@ -74,6 +74,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
     Role("operator", "read", "writes control commands; reads events, results, dead letters and the store"),
     Role("inference", "read", "reads frames in its group; writes results and dead letters; reads the store"),
     Role("control", "write", "reads control commands in its group; writes events, dead letters and the store"),
+    Role("monitor", "read", "reads the store (the forgetting monitor); no Kafka access"),
 )}
 ADMIN = "admin"
 

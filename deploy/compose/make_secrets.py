@@ -3,7 +3,7 @@
 
     python3 deploy/compose/make_secrets.py            # once, before `docker compose up`; standard library only
 
-Writes, for each role of workers/security.py (admin, camera, operator, inference, control), `<role>.env`:
+Writes, for each role of workers/security.py (admin, camera, operator, inference, control, monitor), `<role>.env`:
 
     INSPECTION_KAFKA_USERNAME=<role>
     INSPECTION_KAFKA_PASSWORD=<random>
@@ -34,7 +34,8 @@ from pathlib import Path
 
 # workers.security.ROLES (name -> Redis access), restated so that this script needs no dependencies;
 # tests/test_compose.py checks that the two agree.
-ROLES: dict[str, str] = {"admin": "all", "camera": "none", "operator": "read", "inference": "read", "control": "write"}
+ROLES: dict[str, str] = {"admin": "all", "camera": "none", "operator": "read", "inference": "read", "control": "write",
+                         "monitor": "read"}
 MECHANISM = "SCRAM-SHA-256"
 SECURITY_PROTOCOL = "SASL_PLAINTEXT"  # the compose network's client listener (docker-compose.yml, kafka)
 DEFAULT_OUT = Path(__file__).resolve().parent / "secrets"
