@@ -218,7 +218,10 @@ class InferenceWorker:
             # Gathered before a rebalance or under a membership lost since: read what is still ours again
             # from the committed offsets, under the new generation (the rest is another worker's now).
             log.info("batch of %d gathered across a rebalance or a lost membership; reading it again", len(batch.records))
-            self._read_again(batch)
+            # the delivery in flight ends first (a failed one reads everything again itself): a commit landing
+            # after the rewind below would leave the positions behind it
+            if self._settle(also_dropped=batch):
+                self._read_again(batch)
             return
         outgoing = self._inspect_batch(batch)
         if not self._settle(also_dropped=batch):  # the batch before failed: this one must wait for it
@@ -343,13 +346,14 @@ class InferenceWorker:
             log.warning("offset commit failed after a rebalance; the batch will be redelivered")
 
     def _read_again(self, *batches: _Batch) -> None:
-        """Drop `batches` and every batch polled after them; seek back to the earliest of their offsets."""
+        """Drop `batches` and every batch polled after them (nothing is in delivery then); every assigned
+        partition goes back to its committed offset."""
         dropped = [*batches, *self._ready]
         self._ready.clear()
         for later in dropped:
             for future in later.decoding:
                 future.cancel()
-        self._rewind([r for b in dropped for r in b.records])
+        self._rewind()
 
     def _decode(self, consumer_record) -> _Decoded | DeadLetter:
         started = time.perf_counter()
@@ -463,17 +467,26 @@ class InferenceWorker:
             delay, self._fault_sleep_s = self._fault_sleep_s, 0.0
             time.sleep(delay)
 
-    def _rewind(self, records: list) -> None:
-        """Read the batch's partitions again from their committed offsets. Not from the batch's own first
-        offsets: a commit whose wait failed or timed out may still have completed on the broker (a new
-        producer's init completes it), and reading the batch again would then give each frame a second
-        result. Without a committed offset it is the batch's first one. A committed offset that cannot be
-        read stops the worker: its supervisor's restart resumes from the committed offsets too."""
-        assigned = self.consumer.assignment()
-        for partition, first in _first_offsets(records).items():
-            if partition in assigned:
-                committed = self.consumer.committed(partition, timeout_ms=_COMMITTED_TIMEOUT_MS)
-                self.consumer.seek(partition, first if committed is None else committed)
+    def _rewind(self) -> None:
+        """Every assigned partition is read again from its committed offset (from its beginning without
+        one: nothing of it was delivered then).
+
+        Every partition, not only those of the dropped batches: kafka-python keeps a partition's position
+        across a rebalance that leaves it assigned, and a position can then be past records no batch holds
+        any more; the commit of a later batch would skip them (a fault soak lost 8 frames so). From the
+        committed offsets, not from the batches' own first offsets: a commit whose wait failed or timed
+        out may still have completed on the broker (a new producer's init completes it), and reading the
+        batch again would then give each frame a second result. A committed offset that cannot be read
+        stops the worker: its supervisor's restart resumes from the committed offsets too."""
+        positions = {}
+        for partition in self.consumer.assignment():
+            committed = self.consumer.committed(partition, timeout_ms=_COMMITTED_TIMEOUT_MS)
+            positions[partition.partition] = (self.consumer.position(partition), committed)
+            if committed is None:
+                self.consumer.seek_to_beginning(partition)
+            else:
+                self.consumer.seek(partition, committed)
+        log.info("read again from the committed offsets (partition: (position, committed)): %s", positions)
 
     # ------------------------------------------------------------------------------ bookkeeping
     def _dead_letter(self, consumer_record, record: Record, reason: DeadLetterReason, detail: str) -> DeadLetter:
@@ -511,14 +524,6 @@ class InferenceWorker:
 
 def _partition_list(partitions) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
-
-
-def _first_offsets(records: list) -> dict[TopicPartition, int]:
-    first: dict[TopicPartition, int] = {}
-    for r in records:
-        tp = TopicPartition(r.topic, r.partition)
-        first[tp] = min(first.get(tp, r.offset), r.offset)
-    return first
 
 
 def _next_offsets(records: list) -> dict[TopicPartition, OffsetAndMetadata]:
