@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 
 import pytest
 import redis
 import torch
 
 from schemas.config import SecurityConfig, StackConfig, TopicsConfig
+from workers.processes import free_ports as find_free_ports
 from workers.stack import LocalStack
-
-
-def find_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct ports free right now (all held open together so none repeats)."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,16 @@ def _parser() -> argparse.ArgumentParser:
     boards.add_argument("--out", type=Path, default=None, help="default: deploy/grafana/dashboards")
     boards.set_defaults(handler=_dashboards)
 
+    soak = commands.add_parser("soak", help="randomized fault soak: cameras, operators and a seeded nemesis on a "
+                               "stack of its own; exits non-zero on any lost or duplicated frame or answer")
+    soak.add_argument("--minutes", type=float, default=20.0, help="how long faults are injected")
+    soak.add_argument("--seed", type=int, default=0, help="the nemesis', operators' and cameras' random choices")
+    soak.add_argument("--state-dir", type=Path, default=Path(".stack-soak"), help="its stack, data and logs (wiped first)")
+    soak.add_argument("--inference-workers", type=int, default=2)
+    soak.add_argument("--rate", type=float, default=4.0, help="camera frames per second")
+    soak.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    soak.set_defaults(handler=_soak)
+
     continual = commands.add_parser("continual", help="continual benchmark: tasks learnt in sequence, task inferred per frame")
     continual.add_argument("--root", type=Path, default=Path("../shared/datasets"))
     continual.add_argument("--category", action="append", default=None, help="default: every category under --root")
@@ -398,6 +408,18 @@ def _bench(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({"seed": args.seed, "max_train_images": args.max_train_images,
                                          "frame_budgets_ms": budgets, "rows": rows_as_dicts(rows)}, indent=2))
     return 0
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from workers.soak import SoakOptions, run_soak, write_report
+
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the soak's own clients see every broker kill
+    report = run_soak(SoakOptions(minutes=args.minutes, seed=args.seed, state_dir=args.state_dir.resolve(),
+                                  inference_workers=args.inference_workers, rate_fps=args.rate))
+    print(report.table())
+    if args.json:
+        write_report(report, args.json)
+    return 0 if report.ok else 1
 
 
 def _bench_delivery(args: argparse.Namespace) -> int:

@@ -98,6 +98,16 @@ class KnowledgeStore:
         version = self.client.hget(self._commands_key, command_id)
         return None if version is None else int(version)
 
+    def versions_by_command(self) -> dict[str, list[int]]:
+        """Command id -> the kept store versions whose change it caused (one each, unless a command was
+        carried out twice). Versions collected by the garbage collector are not listed."""
+        manifests = self._stored_manifests(self.client, self.version())
+        versions: dict[str, list[int]] = {}
+        for version, manifest in sorted(manifests.items()):
+            if manifest.command_id is not None:
+                versions.setdefault(manifest.command_id, []).append(version)
+        return versions
+
     def history(self, category: str) -> list[TaskEntry]:
         """The distinct entries (by task_version) `category` has had in the manifests still stored,
         oldest first; the current one last unless the category has since been removed."""
