@@ -27,8 +27,9 @@ from kafka.structs import OffsetAndMetadata
 from schemas.config import SecurityConfig, StackConfig, TopicsConfig
 from schemas.messages import Record
 from workers import security
-from workers.kafka_io import make_consumer, make_producer, send_record, subscribe
+from workers.kafka_io import make_consumer, make_producer, make_transactional_producer, send_record, subscribe
 from workers.stack import LocalStack, StackError
+from workers.transactions import TransactionFailed, TransactionSlot
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +77,7 @@ def _refused_send(stack: LocalStack, role: str, topic: str) -> None:
         producer.close(timeout=5)
 
 
-def _read_all(stack: LocalStack, role: str, topic: str, until_key: bytes) -> list:
+def _read_all(stack: LocalStack, role: str, topic: str, until_key: bytes, polls: int = 60) -> list:
     """Records of `topic` read as `role` without a group (assign, as operators read), until `until_key`."""
     consumer = _consumer(stack, role, None, [])
     try:
@@ -84,7 +85,7 @@ def _read_all(stack: LocalStack, role: str, topic: str, until_key: bytes) -> lis
         assert partitions, f"{role} sees no partitions of {topic}"
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
-        return _poll_until(consumer, until_key)
+        return _poll_until(consumer, until_key, polls)
     finally:
         consumer.close()
 
@@ -293,6 +294,32 @@ def test_inference_transaction_with_consumer_offsets(auth_stack: LocalStack) -> 
     # Operators read results read_committed (make_consumer's default): the committed result is visible.
     committed = _read_all(auth_stack, "operator", topics.results, result)
     assert any(r.key == result for r in committed)
+
+
+def test_a_record_refused_by_an_acl_is_never_committed_past(auth_stack: LocalStack) -> None:
+    """kafka-python may fail a record in its future without raising: the slot checks every record before
+    the offsets go, so a batch with a refused record commits neither its records nor its offsets."""
+    topics = auth_stack.topics
+    frame = _send(auth_stack, "camera", topics.frames)
+    consumer = _consumer(auth_stack, "inference", GROUPS["inference"], [topics.frames])
+    slot_id = f"inspection-infer-acl-{uuid.uuid4().hex[:6]}"
+    slot = TransactionSlot(slot_id, lambda: make_transactional_producer(
+        auth_stack.config.bootstrap_servers, topics, slot_id, 10_000, **FAST, **_options(auth_stack, "inference")),
+        step_timeout_s=20, stuck_after_s=30)
+    try:
+        records = [r for r in _poll_until(consumer, frame) if r.key == frame]
+        partition = TopicPartition(topics.frames, records[0].partition)
+        before = consumer.committed(partition, timeout_ms=10_000)
+        result = uuid.uuid4().hex.encode()
+        outgoing = [(topics.results, Record(result, b"verdict", [])), (topics.control, Record(b"k", b"forbidden", []))]
+        with pytest.raises(TransactionFailed, match="TopicAuthorization"):
+            slot.commit(outgoing, {partition: OffsetAndMetadata(records[0].offset + 1, "", -1)},
+                        consumer.group_metadata())
+        assert consumer.committed(partition, timeout_ms=10_000) == before  # not committed past the frame
+    finally:
+        slot.close()
+        consumer.close()
+    assert not any(r.key == result for r in _read_all(auth_stack, "operator", topics.results, result, polls=10))
 
 
 def test_inference_transactional_id_outside_its_prefix_is_refused(auth_stack: LocalStack) -> None:

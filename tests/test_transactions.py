@@ -1,7 +1,9 @@
-"""The transaction slot on the real broker: what a refused transaction held is never committed later."""
+"""The transaction slot on the real broker: what a refused transaction held is never committed later, and
+a producer that cannot be replaced stops the worker in time without leaking producers."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -9,9 +11,10 @@ from kafka import TopicPartition
 from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 from schemas.config import TopicsConfig
+from schemas.messages import Record
 from workers.kafka_io import make_consumer, make_transactional_producer
 from workers.stack import LocalStack
-from workers.transactions import TransactionFailed, TransactionSlot
+from workers.transactions import ProducerReplacementFailed, TransactionFailed, TransactionSlot
 
 pytestmark = pytest.mark.integration
 
@@ -39,3 +42,34 @@ def test_offsets_of_a_refused_commit_are_not_committed_by_the_next_transaction(s
     finally:
         slot.close()
         consumer.close()
+
+
+def _threads_of(client_id: str) -> int:
+    """kafka-python's threads of one client (its sender and its I/O thread are named after its client id)."""
+    return sum(1 for thread in threading.enumerate() if client_id in thread.name)
+
+
+def test_replacing_a_producer_gives_up_in_time_and_leaks_none(stack: LocalStack) -> None:
+    """The broker is gone: the failed transaction's producer is replaced, the replacement is retried for
+    at most stuck_after_s, then ProducerReplacementFailed (the worker exits for its supervisor); every
+    producer made on the way is closed."""
+    topics, bootstrap = TopicsConfig(), stack.config.bootstrap_servers
+    slot_id = "inspection-infer-replacement-test"
+    slot = TransactionSlot(slot_id, lambda: make_transactional_producer(bootstrap, topics, slot_id, 10_000,
+                                                                        max_block_ms=3000, request_timeout_ms=3000),
+                           step_timeout_s=8, stuck_after_s=5)
+    try:
+        assert stack.kill("kafka")
+        started = time.monotonic()
+        with pytest.raises(ProducerReplacementFailed):
+            slot.commit([(topics.results, Record(b"k", b"v", []))])
+        # bounded: the failing step and the abort (8 s each at most), stuck_after_s of retries, then the
+        # attempt in progress (a producer's start and init: about 10 s against a dead broker); 33 s measured
+        assert time.monotonic() - started < 2 * 8 + 5 + 20
+    finally:
+        slot.close()
+        stack.up()
+    deadline = time.monotonic() + 15
+    while _threads_of(slot_id) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _threads_of(slot_id) == 0
