@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--fault-sleep-after-first-commit-s", type=float, default=0.0, help=argparse.SUPPRESS)
     worker.add_argument("--fault-hang-category", default=None, help=argparse.SUPPRESS)
     worker.add_argument("--fault-exit-before-commit-category", default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--max-restarts", type=int, default=20, help="restarts after a crash or a stuck consumer "
+                        "before the supervisor gives up")
     worker.add_argument("--no-supervisor", action="store_true",
                         help="run in this process; by default a parent restarts the worker if its consumer gets stuck")
     _connection_options(worker)
@@ -173,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     soak.add_argument("--state-dir", type=Path, default=Path(".stack-soak"), help="its stack, data and logs (wiped first)")
     soak.add_argument("--inference-workers", type=int, default=2)
     soak.add_argument("--rate", type=float, default=4.0, help="camera frames per second")
+    soak.add_argument("--fault-every-s", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                      help="the pause between two faults, drawn uniformly (default: the soak's, about 55 faults "
+                      "in 20 minutes)")
     soak.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     soak.set_defaults(handler=_soak)
 
@@ -263,7 +268,8 @@ def _worker(args: argparse.Namespace) -> int:
         # The id is chosen here, once: every restarted child keeps it, so an inference worker keeps its
         # transactional id (a restart fences its predecessor and aborts its open transaction at once).
         named = [] if args.worker_id else ["--worker-id", default_worker_id(args.kind)]
-        return supervise([sys.executable, "-m", "workers.cli", *args.argv, *named, "--no-supervisor"])
+        return supervise([sys.executable, "-m", "workers.cli", *args.argv, *named, "--no-supervisor"],
+                         max_restarts=args.max_restarts)
     import torch
     from prometheus_client import CollectorRegistry
 
@@ -411,11 +417,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _soak(args: argparse.Namespace) -> int:
-    from workers.soak import SoakOptions, run_soak, write_report
+    from workers.soak import DEFAULT_FAULT_EVERY_S, SoakOptions, run_soak, write_report
 
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the soak's own clients see every broker kill
+    # a SIGTERM ends the soak through its cleanup: its stack and workers are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     report = run_soak(SoakOptions(minutes=args.minutes, seed=args.seed, state_dir=args.state_dir.resolve(),
-                                  inference_workers=args.inference_workers, rate_fps=args.rate))
+                                  inference_workers=args.inference_workers, rate_fps=args.rate,
+                                  fault_every_s=tuple(args.fault_every_s or DEFAULT_FAULT_EVERY_S)))
     print(report.table())
     if args.json:
         write_report(report, args.json)

@@ -45,6 +45,10 @@ FAULTS = ("kill_inference", "kill_control", "kill_broker", "kill_redis", "pause_
 _CAMERAS = 4
 _FINAL = (EventKind.FINISHED, EventKind.FAILED)
 _SESSION_TIMEOUT_S = 10.0  # kafka_io.GROUP_OPTIONS: a paused member is evicted after this
+# About 22 s from one fault to the next with what each fault waits for itself: some 55 in 20 minutes
+DEFAULT_FAULT_EVERY_S = (8.0, 20.0)
+_CONTROL_BUSY_WAIT_S = 15.0  # how long a control kill waits to catch the worker training
+_MAX_RESTARTS = 1000  # each worker is killed again and again: its supervisor must not give up
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class SoakOptions:
     state_dir: Path
     inference_workers: int = 2
     rate_fps: float = 4.0
-    fault_every_s: tuple[float, float] = (15.0, 35.0)  # the pause between two faults, drawn uniformly
+    fault_every_s: tuple[float, float] = DEFAULT_FAULT_EVERY_S  # the pause between two faults, drawn uniformly
     command_every_s: tuple[float, float] = (20.0, 45.0)
     drain_timeout_s: float = 600.0
 
@@ -139,8 +143,11 @@ class _Line:
         self.stack.up()
         common = dict(bootstrap=self.bootstrap, redis_url=self.stack.config.redis_url,
                       log_dir=self.options.state_dir / "logs", threads=1)
-        self.control = spawn_worker("control", "soak-control", extra_args=("--training-root", str(self.data)), **common)
-        self.inference = [spawn_worker("infer", f"soak-infer-{i}", **common) for i in range(self.options.inference_workers)]
+        restarts = ("--max-restarts", str(_MAX_RESTARTS))
+        self.control = spawn_worker("control", "soak-control", extra_args=("--training-root", str(self.data), *restarts),
+                                    **common)
+        self.inference = [spawn_worker("infer", f"soak-infer-{i}", extra_args=restarts, **common)
+                          for i in range(self.options.inference_workers)]
 
     def stop(self) -> None:
         for worker in [w for w in (self.control, *self.inference) if w is not None]:
@@ -261,8 +268,9 @@ class _Nemesis(threading.Thread):
         return f"{worker.name} {_kill_child(worker)}"
 
     def _kill_control(self) -> str:
-        # mid-training when an add runs within the next half minute
-        training = _wait_for(lambda: self.line.control.metric("inspection_control_busy") == 1, 30.0, self.stop_event)
+        # mid-training when an add runs soon
+        training = _wait_for(lambda: self.line.control.metric("inspection_control_busy") == 1, _CONTROL_BUSY_WAIT_S,
+                             self.stop_event)
         return f"{_kill_child(self.line.control)}{' while busy' if training else ''}"
 
     def _kill_broker(self) -> str:
@@ -422,4 +430,4 @@ def write_report(report: SoakReport, path: Path) -> None:
     path.write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
 
 
-__all__ = ["FAULTS", "SoakOptions", "SoakReport", "run_soak", "write_report"]
+__all__ = ["DEFAULT_FAULT_EVERY_S", "FAULTS", "SoakOptions", "SoakReport", "run_soak", "write_report"]
