@@ -131,3 +131,17 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def test_a_supervised_worker_keeps_one_id_across_restarts(monkeypatch) -> None:
+    """Without --worker-id the supervisor picks the id once and hands it to every child it starts, so an
+    inference worker keeps its transactional id (a restart fences its predecessor at once)."""
+    from workers import cli, liveness
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(liveness, "supervise", lambda command, max_restarts: started.append(list(command)) or 0)
+    for _ in range(2):  # the same supervisor process twice: the same id (supervise() reruns its one command)
+        assert cli.main(["worker", "infer", "--max-restarts", "3"]) == 0
+    ids = [command[command.index("--worker-id") + 1] for command in started]
+    assert ids[0].startswith("infer-") and ids[0].endswith(f"-{os.getpid()}") and ids[0] == ids[1]  # the supervisor's pid
+    assert all("--no-supervisor" in command for command in started)
