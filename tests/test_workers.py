@@ -186,7 +186,7 @@ def test_unknown_products_are_rejected_and_known_ones_routed(line: Line):
     included, go to their own task (gravel was added by the test before). Grass is the unknown product:
     seen from a grass task, gravel starts only 1.13x beyond grass's farthest calibration frame, inside the
     1.15x slack that defects of a known product need, so that pair cannot be told apart in that direction;
-    seen from gravel, grass starts at 1.2x, like the other products measured (README)."""
+    seen from gravel, grass starts at 1.2x, like the other products measured (docs/architecture.md)."""
     results = _inspected(line, camera_frames(line.data, "grass"))
     unknown = [r for _, r in results if r.decision == Decision.UNKNOWN]
     assert len(unknown) >= 0.9 * len(results)

@@ -27,7 +27,7 @@ from schemas.spec import InputSpec
 # Stage indices of timm's feature_info: 1 -> stride 4 (24 ch), 2 -> stride 8 (40 ch), 3 -> stride 16 (112 ch),
 # 4 -> stride 32 (320 ch)
 PATCH_STAGES = (2, 3)  # mid-level: PatchCore's local patch features
-KEY_LAYER = 7  # ViT block (0-based) whose unprompted patch tokens are the task keys (see README: deeper blocks
+KEY_LAYER = 7  # ViT block (0-based) whose unprompted patch tokens are the task keys (see docs/architecture.md: deeper blocks
 # confuse defective frames with other products, earlier ones separate unknown products less)
 VIT_PATCH = 14
 ALL_STAGES = (1, 2, 3, 4)
@@ -225,7 +225,7 @@ def _squeeze_on(image: np.ndarray, height: int, width: int, device: torch.device
 
 def _autocast(device: torch.device):
     """bf16 on GPUs (tensor cores; fp32 accumulation); fp32 on the CPU, where bf16 measured slower and
-    would move scores against thresholds calibrated in fp32 (inspection perf, README)."""
+    would move scores against thresholds calibrated in fp32 (inspection perf, docs/speed.md)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
