@@ -59,10 +59,11 @@ from workers.kafka_io import (
 )
 from workers.liveness import PollWatchdog
 from workers.metrics import InferenceMetrics
+from workers.security import TRANSACTIONAL_ID_PREFIXES
 from workers.transactions import TransactionFailed, TransactionSlot
 
 log = logging.getLogger(__name__)
-TRANSACTIONAL_ID_PREFIX = "inspection-infer-"
+TRANSACTIONAL_ID_PREFIX = TRANSACTIONAL_ID_PREFIXES["inference"]  # what the ACLs admit (workers/security.py)
 _LAG_REFRESH_S = 1.0
 _COMMITTED_TIMEOUT_MS = 30_000
 OTHER_CATEGORY = "other"  # the label of ground truth naming no task of the store
