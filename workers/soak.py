@@ -34,7 +34,7 @@ from pipeline.core.store import KnowledgeStore
 from pipeline.data.datasets import SYNTHETIC_TEXTURES, labeled_test_images, write_synthetic_category
 from schemas.config import StackConfig, TopicsConfig
 from schemas.messages import AddCategory, EventKind, SetThreshold, TrainingEvent, control_to_json
-from workers.client import parse_all
+from workers.client import parse_all, send_commands, wait_for_outcomes
 from workers.kafka_io import make_producer, read_topic, send_record
 from workers.processes import WorkerProcess, free_ports, spawn_worker, wait_for_store_version, wait_until
 from workers.simulator import CameraPartitions, frame_of
@@ -340,8 +340,6 @@ def run_soak(options: SoakOptions, on_line: Callable[[str], None] = print) -> So
 
 
 def _send_and_wait(line: _Line, command) -> int:
-    from workers.client import send_commands, wait_for_outcomes
-
     [command_id] = send_commands(line.bootstrap, line.topics, [command])
     event = wait_for_outcomes(line.bootstrap, line.topics, [command_id], 600)[command_id]
     if event.kind != EventKind.FINISHED:
