@@ -53,7 +53,7 @@ from schemas.messages import (
     command_fields_of,
     parse_control,
 )
-from workers.kafka_io import make_consumer, make_transactional_producer, record_of
+from workers.kafka_io import make_consumer, make_transactional_producer, record_of, rewind_to_committed
 from workers.liveness import RESTARTS_ENV, PollWatchdog
 from workers.metrics import ControlMetrics
 from workers.security import TRANSACTIONAL_ID_PREFIXES
@@ -167,8 +167,7 @@ class ControlWorker:
 
     def _handle_then_signal(self, consumer_record) -> None:
         try:
-            if self.config.fault_hang_category and \
-                    command_fields_of(consumer_record.value).get("category") == self.config.fault_hang_category:
+            if self.config.fault_hang_category and self._running.fields.get("category") == self.config.fault_hang_category:
                 time.sleep(3600)  # fault injection (tests): a command that hangs
             self.handle(consumer_record)
         finally:
@@ -194,7 +193,7 @@ class ControlWorker:
         except TransactionFailed as exc:
             log.warning("final event and offset %d of a command were not committed (%s); the command will be "
                         "redelivered and recognised", running.next_offset, exc)
-            self._rewind(running.partition)
+            rewind_to_committed(self.consumer, self.consumer.assignment() & {running.partition})
 
     def _fault_exit(self, running: _Running) -> None:
         """Fault injection (tests): the first process of a supervised worker dies with a command's final
@@ -204,11 +203,6 @@ class ControlWorker:
                 and os.environ.get(RESTARTS_ENV, "0") == "0":
             log.error("fault injection: exiting before the final commit of %s", running.fields.get("command_id"))
             os._exit(EXIT_FAULT)  # noqa: SLF001 - a kill, as far as the broker can tell
-
-    def _rewind(self, partition: TopicPartition) -> None:
-        if partition in self.consumer.assignment():
-            committed = self.consumer.committed(partition, timeout_ms=30_000)
-            self.consumer.seek(partition, 0 if committed is None else committed)
 
     def _give_up_if_overdue(self) -> None:
         """A command past its deadline is answered `failed` with its offset, then the worker stops."""

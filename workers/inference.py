@@ -54,6 +54,7 @@ from workers.kafka_io import (
     make_producer,
     make_transactional_producer,
     record_of,
+    rewind_to_committed,
     send_record,
     subscribe,
 )
@@ -479,15 +480,8 @@ class InferenceWorker:
         out may still have completed on the broker (a new producer's init completes it), and reading the
         batch again would then give each frame a second result. A committed offset that cannot be read
         stops the worker: its supervisor's restart resumes from the committed offsets too."""
-        positions = {}
-        for partition in self.consumer.assignment():
-            committed = self.consumer.committed(partition, timeout_ms=_COMMITTED_TIMEOUT_MS)
-            positions[partition.partition] = (self.consumer.position(partition), committed)
-            if committed is None:
-                self.consumer.seek_to_beginning(partition)
-            else:
-                self.consumer.seek(partition, committed)
-        log.info("read again from the committed offsets (partition: (position, committed)): %s", positions)
+        committed = rewind_to_committed(self.consumer, self.consumer.assignment(), _COMMITTED_TIMEOUT_MS)
+        log.info("read again from the committed offsets: %s", {p.partition: o for p, o in committed.items()})
 
     # ------------------------------------------------------------------------------ bookkeeping
     def _dead_letter(self, consumer_record, record: Record, reason: DeadLetterReason, detail: str) -> DeadLetter:

@@ -177,6 +177,19 @@ def subscribe(consumer: KafkaConsumer, topic_names: Sequence[str], listener=None
     consumer.subscribe(list(topic_names), listener=listener)
 
 
+def rewind_to_committed(consumer: KafkaConsumer, partitions, timeout_ms: int = 30_000) -> dict[TopicPartition, int | None]:
+    """Seek each partition to its committed offset (its beginning without one); returns what was
+    committed. A committed offset that cannot be read raises (a worker then exits for its supervisor)."""
+    committed = {}
+    for partition in partitions:
+        committed[partition] = consumer.committed(partition, timeout_ms=timeout_ms)
+        if committed[partition] is None:
+            consumer.seek_to_beginning(partition)
+        else:
+            consumer.seek(partition, committed[partition])
+    return committed
+
+
 def send_record(
     producer: KafkaProducer, topic: str, record: Record, partition: int | None = None
 ) -> FutureRecordMetadata:
