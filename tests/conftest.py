@@ -9,8 +9,8 @@ import redis
 import torch
 
 from schemas.config import SecurityConfig, StackConfig, TopicsConfig
-from workers.processes import free_ports as find_free_ports
-from workers.stack import LocalStack
+from tools.processes import free_ports as find_free_ports
+from tools.stack import LocalStack
 
 
 @pytest.fixture(scope="module")

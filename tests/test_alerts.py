@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 import yaml
 
-from workers.processes import wait_until
-from workers.stack import ALERT_RULES, LocalStack
+from tools.processes import wait_until
+from tools.stack import ALERT_RULES, LocalStack
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: prometheus)")

@@ -25,7 +25,7 @@ from pipeline.features.imaging import encode_png
 from schemas.config import ModelConfig, TrainingConfig
 from schemas.spec import InputSpec
 from schemas.store import StoreManifest
-from workers.stack import ALERT_RULES
+from tools.stack import ALERT_RULES
 
 SIZE = 128
 MODEL = ModelConfig(image_size=SIZE, coreset_ratio=0.1, max_coreset_size=500, num_keys=16, seed=0)

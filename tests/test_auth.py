@@ -28,7 +28,7 @@ from schemas.config import SecurityConfig, StackConfig, TopicsConfig
 from schemas.messages import Record
 from workers import security
 from workers.kafka_io import make_consumer, make_producer, make_transactional_producer, send_record, subscribe
-from workers.stack import LocalStack, StackError
+from tools.stack import LocalStack, StackError
 from workers.transactions import TransactionFailed, TransactionSlot
 
 pytestmark = pytest.mark.integration
@@ -545,9 +545,9 @@ def test_workers_run_end_to_end_as_their_roles(auth_stack: LocalStack, tmp_path:
     through the environment): an operator adds a category, a camera publishes, results come back."""
     from pipeline.data.datasets import labeled_test_images, write_synthetic_category
     from schemas.messages import AddCategory, EventKind
-    from workers.client import collect_results, send_commands, wait_for_outcomes
-    from workers.processes import spawn_worker, wait_for_store_version
-    from workers.simulator import frame_of
+    from tools.client import collect_results, send_commands, wait_for_outcomes
+    from tools.processes import spawn_worker, wait_for_store_version
+    from tools.simulator import frame_of
 
     data = tmp_path / "data"
     write_synthetic_category(data, "brick", "brick", n_train=16, n_test_good=3, n_test_defect=3, size=160)

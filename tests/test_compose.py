@@ -7,7 +7,7 @@ What is checked instead:
 - every command of the pipeline's image against the CLI's own parser (`workers.cli._parser()`), as the
   image's entry point hands it over, and the init steps against theirs;
 - ports, addresses, topics, users, ACLs and broker settings against schemas/config.py, workers/security.py
-  and workers/stack.py (`inspection stack up --auth`); every INSPECTION_* variable against the code that
+  and tools/stack.py (`inspection stack up --auth`); every INSPECTION_* variable against the code that
   reads it;
 - deploy/compose/kafka-start.sh, run against a stand-in for the apache/kafka image: the JAAS entries, the
   admin's SCRAM credentials at format time, and no password on any command line;
@@ -36,7 +36,7 @@ import yaml
 from schemas.config import Credentials, SecurityConfig, StackConfig, TopicsConfig
 from workers import security
 from workers.cli import _parser
-from workers.stack import KAFKA_VERSION, LocalStack
+from tools.stack import KAFKA_VERSION, LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -357,7 +357,7 @@ def test_promtool_accepts_the_compose_prometheus_config() -> None:
 
 # ------------------------------------------------------------------------------ environment variables
 def _read_by_the_project() -> set[str]:
-    sources = [p for folder in ("workers", "pipeline", "schemas") for p in (ROOT / folder).rglob("*.py")]
+    sources = [p for folder in ("workers", "pipeline", "schemas", "tools") for p in (ROOT / folder).rglob("*.py")]
     return {name for path in sources for name in re.findall(r"[\"'](INSPECTION_[A-Z0-9_]+)[\"']", path.read_text())}
 
 
@@ -638,7 +638,7 @@ def test_redis_with_the_generated_acl_file_admits_each_role_as_intended(tmp_path
                                                                          free_ports) -> None:
     import redis
 
-    from workers.processes import wait_until
+    from tools.processes import wait_until
 
     creds = provision.role_credentials(list(security.redis_acl_rules()), _mounted_secrets(secrets_dir, tmp_path / "s"))
     acl = tmp_path / "acl" / "users.acl"

@@ -20,15 +20,15 @@ import yaml
 
 from pipeline.data.datasets import labeled_test_images, write_synthetic_category
 from schemas.messages import AddCategory, EventKind, Frame
-from workers.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes
-from workers.dashboards import BOARDS, DATASOURCE, OUT_DIR, build, expressions, substitute
+from tools.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes
+from tools.dashboards import BOARDS, DATASOURCE, OUT_DIR, build, expressions, substitute
 from workers.kafka_io import make_producer, send_record
-from workers.processes import spawn_worker, wait_for_store_version, wait_until
-from workers.simulator import frame_of
-from workers.stack import LocalStack
+from tools.processes import spawn_worker, wait_for_store_version, wait_until
+from tools.simulator import frame_of
+from tools.stack import LocalStack
 
 PROVISIONING = OUT_DIR.parent / "provisioning"
-SCRAPE_INTERVAL_S = 2  # the local stack's Prometheus (workers/stack.py)
+SCRAPE_INTERVAL_S = 2  # the local stack's Prometheus (tools/stack.py)
 
 
 @pytest.mark.parametrize("board", BOARDS, ids=lambda b: b.uid)

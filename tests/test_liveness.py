@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from workers.liveness import EXIT_STUCK, RESTARTS_ENV, PollWatchdog, supervise
 from workers.metrics import ConsumerMetrics
-from workers.processes import wait_until
+from tools.processes import wait_until
 
 
 def test_watchdog_fires_once_when_polls_stop_and_never_while_they_run() -> None:

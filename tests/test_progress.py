@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from workers.progress import count_bar, fraction_bar
+from tools.progress import count_bar, fraction_bar
 
 
 def test_fraction_bar_follows_fractions_and_ends_full(capsys) -> None:

@@ -1,4 +1,4 @@
-"""The HTML run report (workers/report.py): content from synthetic results and fake Prometheus points,
+"""The HTML run report (tools/report.py): content from synthetic results and fake Prometheus points,
 the real Prometheus of the session stack, and a render in headless Chromium.
 
 The Chromium check: the report carries a tiny inline script that, on the window's load event, writes
@@ -29,8 +29,8 @@ import pytest
 from PIL import Image
 
 from schemas.messages import Box, Decision, GroundTruth, InspectionResult, StageLatency
-from workers import report
-from workers.report import Series, query_range, write_report
+from tools import report
+from tools.report import Series, query_range, write_report
 
 T0 = 1_700_000_000.0
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

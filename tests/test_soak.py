@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workers.soak import FAULTS, SoakOptions, run_soak
+from tools.soak import FAULTS, SoakOptions, run_soak
 
 
 def test_a_short_soak_loses_and_repeats_nothing(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from schemas.config import StackConfig
 from schemas.messages import Record
 from workers.kafka_io import make_consumer, make_producer, read_topic, record_of, send_record
-from workers.stack import LocalStack, StackError
+from tools.stack import LocalStack, StackError
 
 pytestmark = pytest.mark.integration
 

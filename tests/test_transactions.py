@@ -13,7 +13,7 @@ from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 from schemas.config import TopicsConfig
 from schemas.messages import Record
 from workers.kafka_io import make_consumer, make_transactional_producer
-from workers.stack import LocalStack
+from tools.stack import LocalStack
 from workers.transactions import ProducerReplacementFailed, TransactionFailed, TransactionSlot
 
 pytestmark = pytest.mark.integration

@@ -40,7 +40,7 @@ from schemas.messages import (
     SetThreshold,
     TrainingEvent,
 )
-from workers.client import (
+from tools.client import (
     collect_results,
     read_dead_letters,
     read_events,
@@ -49,10 +49,10 @@ from workers.client import (
     wait_for_outcomes,
 )
 from workers.kafka_io import make_producer, send_record
-from workers.simulator import CameraPartitions
-from workers.processes import WorkerProcess, spawn_worker, wait_for_store_version, wait_until
-from workers.simulator import frame_of
-from workers.stack import LocalStack
+from tools.simulator import CameraPartitions
+from tools.processes import WorkerProcess, spawn_worker, wait_for_store_version, wait_until
+from tools.simulator import frame_of
+from tools.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 MAX_FRAME_BYTES = 1_000_000  # the inference worker's own limit, below the topic's, to test oversize frames

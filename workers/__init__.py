@@ -1,1 +1,3 @@
-"""Kafka-facing processes, the local stack and the CLI: no ML in here."""
+"""The processes that run on a line: inference, control and monitor workers, their Kafka I/O, liveness,
+metrics and security, and the `inspection` CLI. No ML in here (that is pipeline/), no developer tooling
+(that is tools/)."""

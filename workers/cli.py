@@ -229,7 +229,7 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
 def stack_config(args: argparse.Namespace) -> StackConfig:
     from schemas.config import SecurityConfig
 
-    from workers.stack import remembered_config
+    from tools.stack import remembered_config
 
     # A stack is found again by its folder alone: `status` or `down --state-dir X` without the ports it was
     # started with must not take a live server's pid file for a stale one.
@@ -243,7 +243,7 @@ def stack_config(args: argparse.Namespace) -> StackConfig:
 
 # ------------------------------------------------------------------------------------ handlers
 def _stack(args: argparse.Namespace) -> int:
-    from workers.stack import LocalStack
+    from tools.stack import LocalStack
 
     stack = LocalStack(stack_config(args), TopicsConfig())
     if args.action == "up":
@@ -330,7 +330,7 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from workers.simulator import dataset_stream, publish
+    from tools.simulator import dataset_stream, publish
 
     items = dataset_stream(args.root, args.category, args.limit_per_category, args.seed)
     sent = publish(args.bootstrap, TopicsConfig(), items, args.rate, with_ground_truth=not args.no_ground_truth)
@@ -371,7 +371,7 @@ def _command_of(args: argparse.Namespace):
 
 
 def _send_control(args: argparse.Namespace, command) -> int:
-    from workers.client import send_commands, wait_for_outcomes
+    from tools.client import send_commands, wait_for_outcomes
 
     send_commands(args.bootstrap, TopicsConfig(), [command])
     print(json.dumps({"sent": command.action, "command_id": command.command_id}))
@@ -397,7 +397,7 @@ def _bench(args: argparse.Namespace) -> int:
     if not all(math.isfinite(b) and b > 0 for b in budgets):
         raise SystemExit("--frame-budget-ms takes finite numbers > 0")
     backbones = Backbones.pretrained()
-    from workers.progress import bars_disabled, fraction_bar
+    from tools.progress import bars_disabled, fraction_bar
 
     rows = []
     for category in args.category or discover_categories(args.root):
@@ -417,7 +417,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _soak(args: argparse.Namespace) -> int:
-    from workers.soak import DEFAULT_FAULT_EVERY_S, SoakOptions, run_soak, write_report
+    from tools.soak import DEFAULT_FAULT_EVERY_S, SoakOptions, run_soak, write_report
 
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the soak's own clients see every broker kill
     # a SIGTERM ends the soak through its cleanup: its stack and workers are stopped, not orphaned
@@ -434,7 +434,7 @@ def _soak(args: argparse.Namespace) -> int:
 def _bench_delivery(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from workers.delivery_bench import markdown_table, run_delivery_benchmark
+    from tools.delivery_bench import markdown_table, run_delivery_benchmark
 
     rows = run_delivery_benchmark(args.frames, args.rate)
     print(markdown_table(rows))
@@ -446,7 +446,7 @@ def _bench_delivery(args: argparse.Namespace) -> int:
 def _perf(args: argparse.Namespace) -> int:
     import torch
 
-    from workers.perf import PerfOptions, run_perf
+    from tools.perf import PerfOptions, run_perf
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -471,10 +471,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _report(args: argparse.Namespace) -> int:
     from schemas.messages import InspectionResult
-    from workers.client import parse_all
+    from tools.client import parse_all
     from workers.kafka_io import read_topic
-    from workers.progress import count_bar
-    from workers.report import write_report
+    from tools.progress import count_bar
+    from tools.report import write_report
 
     topics = TopicsConfig()
     with count_bar("reading results", None, "result") as bar:
@@ -489,7 +489,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _dashboards(args: argparse.Namespace) -> int:
-    from workers.dashboards import OUT_DIR, write_all
+    from tools.dashboards import OUT_DIR, write_all
 
     print(json.dumps({"written": [str(p) for p in write_all(args.out or OUT_DIR)]}, indent=2))
     return 0
@@ -516,7 +516,7 @@ def _continual(args: argparse.Namespace) -> int:
         name = f"synthetic_{texture}"
         write_synthetic_category(args.synthetic_dir, name, texture, seed=args.seed)
         sources.append(TaskSource(name, args.synthetic_dir))
-    from workers.progress import bars_disabled, count_bar
+    from tools.progress import bars_disabled, count_bar
 
     def on_step(step, bar) -> None:
         log.info("task %d (%s) learnt in %.1fs: %s", step.step + 1, step.added, step.train_seconds,
@@ -535,7 +535,7 @@ def _continual(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from workers.demo import DemoOptions, run_demo
+    from tools.demo import DemoOptions, run_demo
 
     options = DemoOptions(
         stack=stack_config(args),

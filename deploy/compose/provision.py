@@ -9,7 +9,7 @@ the workers themselves read. Nothing secret is taken from argv or printed.
 
 - redis-acl writes workers.security.redis_acl_file(): the default user off, one user per role with Redis
   access, passwords as SHA-256 digests only (so the file, on a volume Redis reads, holds no usable secret).
-- kafka provisions exactly what `inspection stack up --auth` does (workers/stack.py, LocalStack's own
+- kafka provisions exactly what `inspection stack up --auth` does (tools/stack.py, LocalStack's own
   provisioning code, pointed at the compose broker): the topics of TopicsConfig with their partitions and
   max.message.bytes, every role's SCRAM user for both mechanisms, and the ACL table of workers.security,
   made exact (missing bindings created, any other deleted). The admin's SCRAM credential was made when the
@@ -101,7 +101,7 @@ def kafka_plan() -> dict[str, Any]:
 def provision_kafka(bootstrap: str, timeout_s: float, credentials: Mapping[str, Any] | None = None) -> None:
     from schemas.config import SecurityConfig, StackConfig
     from workers import security
-    from workers.stack import LocalStack
+    from tools.stack import LocalStack
 
     credentials = credentials or role_credentials(list(security.ROLES))
     host, _, port = bootstrap.rpartition(":")

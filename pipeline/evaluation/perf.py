@@ -1,6 +1,6 @@
 """Model-path performance: frames/s and per-stage latency of the live inspection path, in process.
 
-`inspection perf` (workers/perf.py) prints these tables; the end-to-end run through Kafka is there too.
+`inspection perf` (tools/perf.py) prints these tables; the end-to-end run through Kafka is there too.
 
 - **Model path**: JPEG bytes -> decode -> routing pass (ViT to the key block) -> key search -> each task's
   expert at its stored spec -> map PNG + boxes, exactly the calls an inference worker makes per batch

@@ -34,11 +34,11 @@ from pipeline.core.store import KnowledgeStore
 from pipeline.data.datasets import SYNTHETIC_TEXTURES, labeled_test_images, write_synthetic_category
 from schemas.config import StackConfig, TopicsConfig
 from schemas.messages import AddCategory, EventKind, SetThreshold, TrainingEvent, control_to_json
-from workers.client import parse_all, send_commands, wait_for_outcomes
+from tools.client import parse_all, send_commands, wait_for_outcomes
 from workers.kafka_io import make_producer, read_topic, send_record
-from workers.processes import WorkerProcess, free_ports, spawn_worker, wait_for_store_version, wait_until
-from workers.simulator import CameraPartitions, frame_of
-from workers.stack import LocalStack
+from tools.processes import WorkerProcess, free_ports, spawn_worker, wait_for_store_version, wait_until
+from tools.simulator import CameraPartitions, frame_of
+from tools.stack import LocalStack
 
 log = logging.getLogger(__name__)
 FAULTS = ("kill_inference", "kill_control", "kill_broker", "kill_redis", "pause_inference")

@@ -148,7 +148,7 @@ def _model_path(root: Path, categories: list[str], backbones: Backbones, model: 
 
 
 def _kafka(options: PerfOptions) -> str:
-    from workers.delivery_bench import bench_line
+    from tools.delivery_bench import bench_line
 
     lines = [f"### End to end through Kafka (CPU, {options.kafka_workers} inference workers of 1 thread, exactly-once, "
              f"{options.kafka_frames} frames published at once)", "",

@@ -20,12 +20,12 @@ from pipeline.data.datasets import SYNTHETIC_TEXTURES, discover_categories, writ
 from pipeline.data.metrics import latency_summary, roc_auc
 from schemas.config import StackConfig, TopicsConfig
 from schemas.messages import AddCategory, Decision, InspectionResult
-from workers.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes
-from workers.progress import fraction_bar
-from workers.report import write_report
-from workers.processes import WorkerProcess, spawn_worker, wait_for_store_version
-from workers.simulator import dataset_stream, publish
-from workers.stack import ALERT_RULES, LocalStack
+from tools.client import collect_results, read_dead_letters, send_commands, wait_for_outcomes
+from tools.progress import fraction_bar
+from tools.report import write_report
+from tools.processes import WorkerProcess, spawn_worker, wait_for_store_version
+from tools.simulator import dataset_stream, publish
+from tools.stack import ALERT_RULES, LocalStack
 
 DASHBOARDS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
 

@@ -26,11 +26,11 @@ from pathlib import Path
 from pipeline.data.datasets import labeled_test_images, write_synthetic_category
 from schemas.config import StackConfig, TopicsConfig
 from schemas.messages import AddCategory, Frame, InspectionResult
-from workers.client import collect_results, seconds_to_next_result, send_commands, wait_for_outcomes
+from tools.client import collect_results, seconds_to_next_result, send_commands, wait_for_outcomes
 from workers.kafka_io import make_producer, send_record
-from workers.processes import WorkerProcess, free_port, spawn_worker, wait_for_store_version, wait_until
-from workers.simulator import CameraPartitions, frame_of
-from workers.stack import LocalStack
+from tools.processes import WorkerProcess, free_port, spawn_worker, wait_for_store_version, wait_until
+from tools.simulator import CameraPartitions, frame_of
+from tools.stack import LocalStack
 
 log = logging.getLogger(__name__)
 MODES = ("exactly_once", "at_least_once")
