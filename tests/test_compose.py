@@ -7,7 +7,7 @@ What is checked instead:
 - every command of the pipeline's image against the CLI's own parser (`workers.cli._parser()`), as the
   image's entry point hands it over, and the init steps against theirs;
 - ports, addresses, topics, users, ACLs and broker settings against schemas/config.py, workers/security.py
-  and tools/stack.py (`inspection stack up --auth`); every INSPECTION_* variable against the code that
+  and tools/stack/ (`inspection stack up --auth`); every INSPECTION_* variable against the code that
   reads it;
 - deploy/compose/kafka-start.sh, run against a stand-in for the apache/kafka image: the JAAS entries, the
   admin's SCRAM credentials at format time, and no password on any command line;
@@ -36,7 +36,7 @@ import yaml
 from schemas.config import Credentials, SecurityConfig, StackConfig, TopicsConfig
 from workers import security
 from workers.cli import _parser
-from tools.stack import KAFKA_VERSION, LocalStack
+from tools.stack import KAFKA_VERSION, LocalStack, kafka_server
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -109,9 +109,9 @@ def _properties(text: str) -> dict[str, str]:
 
 def _stack_properties(admin: Credentials) -> dict[str, str]:
     """What `inspection stack up --auth` writes into the local broker's server.properties."""
-    stack = LocalStack(StackConfig(security=SecurityConfig(enabled=True)))
-    stack._credentials[security.ADMIN] = admin  # noqa: SLF001 - the stack's own settings, for these credentials
-    return _properties(stack._kafka_properties(Path("/data")))  # noqa: SLF001
+    broker = kafka_server.KafkaServer(StackConfig(security=SecurityConfig(enabled=True)), TopicsConfig(),
+                                      security.default_groups(), credentials=lambda role: admin)
+    return _properties(broker.properties(Path("/data")))
 
 
 @pytest.fixture(scope="module")
@@ -527,8 +527,8 @@ def test_kafka_init_makes_the_topics_users_and_acls_of_the_project() -> None:
     # It gets every role's credentials, and uses the local stack's provisioning code.
     assert set(SERVICES["kafka-init"]["secrets"]) == {f"{role}-credentials" for role in security.ROLES}
     assert SERVICES["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
-    for method in ("_provision_kafka", "_kafka_ready", "_upsert_scram_users", "_sync_acls"):
-        assert callable(getattr(LocalStack, method))
+    for function in ("provision_broker", "broker_ready"):
+        assert callable(getattr(kafka_server, function)) and function in (COMPOSE_DIR / "provision.py").read_text()
     for name in ("control", "inference", "monitor"):
         assert SERVICES[name]["depends_on"]["redis"]["condition"] == "service_healthy"
     for name in ("control", "inference"):

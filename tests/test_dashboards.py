@@ -28,7 +28,7 @@ from tools.simulator import frame_of
 from tools.stack import LocalStack
 
 PROVISIONING = OUT_DIR.parent / "provisioning"
-SCRAPE_INTERVAL_S = 2  # the local stack's Prometheus (tools/stack.py)
+SCRAPE_INTERVAL_S = 2  # the local stack's Prometheus (tools/stack/prometheus_server.py)
 
 
 @pytest.mark.parametrize("board", BOARDS, ids=lambda b: b.uid)

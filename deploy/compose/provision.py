@@ -9,7 +9,7 @@ the workers themselves read. Nothing secret is taken from argv or printed.
 
 - redis-acl writes workers.security.redis_acl_file(): the default user off, one user per role with Redis
   access, passwords as SHA-256 digests only (so the file, on a volume Redis reads, holds no usable secret).
-- kafka provisions exactly what `inspection stack up --auth` does (tools/stack.py, LocalStack's own
+- kafka provisions exactly what `inspection stack up --auth` does (tools/stack/kafka_server.py's own
   provisioning code, pointed at the compose broker): the topics of TopicsConfig with their partitions and
   max.message.bytes, every role's SCRAM user for both mechanisms, and the ACL table of workers.security,
   made exact (missing bindings created, any other deleted). The admin's SCRAM credential was made when the
@@ -99,21 +99,17 @@ def kafka_plan() -> dict[str, Any]:
 
 
 def provision_kafka(bootstrap: str, timeout_s: float, credentials: Mapping[str, Any] | None = None) -> None:
-    from schemas.config import SecurityConfig, StackConfig
+    from schemas.config import TopicsConfig
     from workers import security
-    from tools.stack import LocalStack
+    from tools.stack.kafka_server import broker_ready, provision_broker
 
     credentials = credentials or role_credentials(list(security.ROLES))
-    host, _, port = bootstrap.rpartition(":")
-    auth = SecurityConfig(enabled=True, mechanism=credentials[security.ADMIN].mechanism)
-    stack = LocalStack(StackConfig(host=host, kafka_port=int(port), security=auth))
-    stack._credentials = dict(credentials)  # noqa: SLF001 - the stack's provisioning, with these credentials
     deadline = time.monotonic() + timeout_s
-    while not stack._kafka_ready():  # noqa: SLF001 - an authenticated admin connection that lists topics
+    while not broker_ready(bootstrap, credentials[security.ADMIN]):  # an authenticated admin lists the topics
         if time.monotonic() > deadline:
             raise SystemExit(f"Kafka at {bootstrap} did not accept the admin within {timeout_s:.0f} s")
         time.sleep(1.0)
-    stack._provision_kafka()  # noqa: SLF001
+    provision_broker(bootstrap, TopicsConfig(), security.default_groups(), credentials)
     plan = kafka_plan()
     log.info("Kafka at %s: %d topics, users %s, %d ACL bindings", bootstrap, len(plan["topics"]),
              ", ".join(plan["users"]), len(plan["acls"]))
