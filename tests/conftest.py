@@ -13,6 +13,16 @@ from tools.processes import free_ports as find_free_ports
 from tools.stack import LocalStack
 
 
+SERVER_FIXTURES = {"stack", "auth_stack", "redis_client"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that takes a server fixture needs servers, marked or not: `./run test --fast` must skip it."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Small CPU batches here: one intra-op thread. On a 2-core machine shared with Kafka, Redis and other

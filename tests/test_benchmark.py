@@ -12,7 +12,7 @@ from pipeline.evaluation.benchmark import benchmark_category, markdown_table
 from pipeline.features.backbone import Backbones
 from schemas.config import ModelConfig, TrainingConfig
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ IMAGE_SIZE = 112
 MODEL = ModelConfig(image_size=IMAGE_SIZE, coreset_ratio=0.1, num_keys=16, seed=0)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _row(value: float) -> dict[str, float]:

@@ -24,7 +24,7 @@ from pipeline.features.vit import ViTBackbone
 IMAGE_SIZE = 112  # an 8 x 8 token grid: small and quick
 OBJECT_SIZE = 224  # masking needs a finer grid than 8 x 8 (a 3 x 3 dilation + closing there covers everything)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def load(path: Path, height: int, width: int | None = None) -> np.ndarray:

@@ -13,6 +13,8 @@ from pipeline.data import elpv
 from pipeline.data.datasets import discover_categories, labeled_test_images, train_images
 from pipeline.features.imaging import decode_image
 
+pytestmark = pytest.mark.slow
+
 
 def test_labelling_rule() -> None:
     assert elpv.elpv_label(0.0) == "good"

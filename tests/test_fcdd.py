@@ -32,7 +32,7 @@ CATEGORY = "brick"
 CONFIG = FCDDConfig(max_epochs=8, patience=3, batch_size=8, seed=0)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 # ------------------------------------------------------------------------------------- torch parts

@@ -21,8 +21,8 @@ sys.path.insert(0, str(GPU_DIR))
 
 import gpu_models as gm  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (DATASETS / "ball_screw" / "train" / "good").is_dir(),
-                                reason=f"datasets not found under {DATASETS}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (DATASETS / "ball_screw" / "train" / "good").is_dir(),
+                                                   reason=f"datasets not found under {DATASETS}")]
 STAGES = ("decode", "resize", "vit", "keys", "cnn", "nn", "map", "d2h")
 BLOCKED = ("pipeline", "schemas", "workers", "pydantic", "faiss", "kafka", "redis")  # none on the device machine
 WITHOUT_PROJECT_DEPS = f"""

@@ -42,7 +42,7 @@ CATEGORY = "brick"
 # Small and quick: 24 images of 128 px, a Fisher of 8 images, the default optimiser settings.
 CONFIG = PANDAConfig(max_epochs=2, patience=2, fisher_images=8, seed=0)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def backbone_digest(backbone: Backbone) -> str:

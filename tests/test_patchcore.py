@@ -21,7 +21,7 @@ IMAGE_SIZE = 128
 CATEGORY = "brick"  # the texture on which a pretrained backbone separates synthetic defects cleanly
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def random_batch(n: int, seed: int, size: int = 64) -> FeatureBatch:

@@ -26,6 +26,8 @@ from pipeline.features.backbone import Backbones
 from pipeline.features.imaging import decode_image
 from schemas.config import ModelConfig, TrainingConfig
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -18,6 +18,8 @@ from pipeline.experts.reverse_distillation.torch_model import ReverseDistillatio
 from pipeline.common.serialization import pack
 from helpers import fit_and_predict
 
+pytestmark = pytest.mark.slow
+
 IMAGE_SIZE = 128
 CATEGORY = "brick"
 TINY = dict(embedding_channels=16, decoder_channels=(8, 8, 16), batch_size=4)  # fast unit-test model

@@ -21,6 +21,8 @@ from pipeline.features.segmentation import sam as sam_module
 from pipeline.features.segmentation.masker import paint_label_map, resize_nearest
 from pipeline.features.segmentation.tiny_vit import relative_offset_index
 
+pytestmark = pytest.mark.slow
+
 RECTANGLES = [(30, 30, 130, 160), (40, 200, 140, 300), (170, 80, 225, 260)]  # y0, x0, y1, x1 in 240 x 320
 RECTANGLE_COLOURS = [(220, 40, 40), (40, 200, 60), (60, 80, 230)]
 

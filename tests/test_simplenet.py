@@ -21,7 +21,7 @@ from schemas.config import ModelConfig
 IMAGE_SIZE = 128
 CONFIG = SimpleNetConfig(steps_per_round=50, max_rounds=4, patience=2, patch_batch=512, seed=0)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_truncated_l1_is_zero_only_past_the_margins() -> None:

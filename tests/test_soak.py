@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tools.soak import FAULTS, SoakOptions, run_soak
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a stack of its own, 2.5 minutes of faults
 
 
 def test_a_short_soak_loses_and_repeats_nothing(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ TRAINING = TrainingConfig(batch_size=16)  # 12 images: 7 fit, 1 validation, 3 ca
 SPEC = InputSpec(backbone="efficientnet_lite0", resize="letterbox", height=IMAGE_SIZE, width=IMAGE_SIZE)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _labeled_test_images(root: Path, category: str):

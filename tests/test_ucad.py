@@ -30,7 +30,7 @@ IMAGE_SIZE = 112  # an 8 x 8 ViT token grid: small and quick
 FAST = UCADConfig(knowledge_layers=(5, 7), prompt_images=4, prompt_epochs=3, prompt_batch_size=2, sam_points_per_side=4)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 # ------------------------------------------------------------------------------------------- loss
