@@ -51,7 +51,8 @@ class SecurityConfig(_Config):
     (workers/security.py); Redis admits only its ACL users. Each role's credentials are generated into
     `<state_dir>/credentials/<role>.json` (mode 0600), for the processes to read via the environment."""
 
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="Kafka takes SASL/SCRAM with per-role ACLs and Redis admits "
+                          "only its ACL users; each role's credentials file is written under state_dir/credentials/.")
     mechanism: ScramMechanism = "SCRAM-SHA-256"
     tls: bool = Field(default=False, description="Kafka's client port speaks SASL_SSL with a self-signed "
                       "certificate made under state_dir (the credential files name it as ssl_cafile).")
@@ -83,12 +84,13 @@ class StackConfig(_Config):
     """Where the local servers listen (loopback only) and keep their data."""
 
     host: str = "127.0.0.1"
-    kafka_port: int = 19092
-    kafka_controller_port: int = 19093
-    redis_port: int = 16379
-    prometheus_port: int = 19090
+    kafka_port: int = Field(default=19092, description="Kafka's client port.")
+    kafka_controller_port: int = Field(default=19093, description="Kafka's KRaft controller port.")
+    redis_port: int = Field(default=16379, description="Redis' port.")
+    prometheus_port: int = Field(default=19090, description="Prometheus' web port.")
     redis_maxmemory_mb: int = Field(default=4096, ge=16)
-    state_dir: Path = Path(".stack")
+    state_dir: Path = Field(default=Path(".stack"), description="Folder of the servers' data, logs, pid files and "
+                            "credentials.")
     security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @property
@@ -101,13 +103,18 @@ class StackConfig(_Config):
 
 
 class ModelConfig(_Config):
-    """Backbone input and PatchCore settings shared by training and inference."""
+    """Backbone input, routing, and the settings the experts of a line share, for training and inference.
+
+    The one source of these defaults: an expert's config declares the fields it takes from here with
+    `pipeline.experts.base.model_setting`, and build_expert fills them."""
 
     image_size: int = Field(default=224, ge=64, description="Square side of routing's ViT key pass (and of "
                             "tasks stored before per-task input specs).")
-    coreset_ratio: float = Field(default=0.02, gt=0, le=1)
-    coreset_projection_dim: int = Field(default=64, ge=8)
-    max_coreset_size: int = Field(default=8000, ge=16)
+    coreset_ratio: float = Field(default=0.02, gt=0, le=1, description="Share of PatchCore's fit patches kept "
+                                 "in its memory bank (greedy coreset).")
+    coreset_projection_dim: int = Field(default=64, ge=8, description="Dimensions of the random projection that "
+                                        "only speeds up PatchCore's coreset selection.")
+    max_coreset_size: int = Field(default=8000, ge=16, description="Most patches in PatchCore's memory bank.")
     num_neighbors: int = Field(default=3, ge=1, description="b in PatchCore's image-score re-weighting.")
     map_sigma: float = Field(default=4.0, ge=0, description="Gaussian smoothing of the map, input pixels.")
     num_keys: int = Field(default=32, ge=1, description="Task keys per category (farthest-point sampled).")
@@ -119,7 +126,8 @@ class ModelConfig(_Config):
         default=2, ge=1, description="Tasks whose keys are searched exactly per frame: those with the nearest "
         "prototypes (mean key); with at most this many tasks the search is exhaustive. The runner-up of the "
         "margin is one of them, so keep it >= 2.")
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed of training's random choices (image sampling, coresets, "
+                      "initial weights, synthetic anomalies).")
 
 
 DEFAULT_FRAME_BUDGET_MS = 250.0  # the line's per-frame budget on this 2-core CPU
@@ -139,7 +147,7 @@ class TrainingConfig(_Config):
     audit (never used in training: kept for live monitoring). Whatever a cap leaves over is not read."""
 
     max_train_images: int | None = Field(default=None, ge=4, description="Optional cap on the images one "
-                                         "task uses, all roles; None: every usable image.")
+                                         "task uses, all roles; unset: every usable image.")
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)
     min_validation_images: int = Field(default=30, ge=1)
     calibration_fraction: float = Field(default=0.2, gt=0, lt=1)
@@ -182,7 +190,7 @@ class TrainingConfig(_Config):
 
 class InferenceConfig(_Config):
     group_id: str = "inspection-workers"
-    max_batch_size: int = Field(default=8, ge=1)
+    max_batch_size: int = Field(default=8, ge=1, description="Most frames inferred together.")
     max_wait_ms: int = Field(default=50, ge=0, description="Longest a frame waits for its batch to fill.")
     decode_threads: int = Field(default=2, ge=1, le=64, description="Threads decoding the next batch while the "
                                 "model computes the current one.")
@@ -192,7 +200,8 @@ class InferenceConfig(_Config):
         "(checked when a worker starts), so the dead letter of any accepted frame keeps its bytes.")
     max_frame_pixels: int = Field(default=40_000_000, ge=1024, description="Decoded size limit.")
     store_poll_interval_s: float = Field(default=0.5, gt=0)
-    metrics_port: int = Field(default=0, ge=0, description="0 = pick a free port.")
+    metrics_port: int = Field(default=0, ge=0, description="Port of the Prometheus metrics endpoint; 0 = pick a "
+                              "free port.")
     delivery: Literal["exactly_once", "at_least_once"] = Field(
         default="exactly_once", description="exactly_once: each batch's results, dead letters and offsets in one "
         "Kafka transaction. at_least_once: results first, then offsets (a crash may repeat a result).")
@@ -209,8 +218,8 @@ class InferenceConfig(_Config):
 class ControlConfig(_Config):
     group_id: str = "inspection-control"
     training_root: Path | None = Field(default=None, description="Adds train only on folders under this one (links "
-                                       "resolved first). None: every add is refused, with that reason.")
-    metrics_port: int = Field(default=0, ge=0)
+                                       "resolved first). Unset: every add is refused, with that reason.")
+    metrics_port: int = Field(default=0, ge=0, description="As InferenceConfig.metrics_port.")
     stuck_after_s: float = Field(default=60.0, gt=0, description="See InferenceConfig.stuck_after_s; commands "
                                  "run off the poll loop, so even training never delays a poll.")
     keep_versions: int = Field(default=20, ge=1, description="Store manifests kept for rollback, newest first.")

@@ -12,7 +12,6 @@ import json
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 import redis

@@ -11,13 +11,19 @@ import socket
 import signal
 import sys
 import threading
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, TypeVar, Union, get_args, get_origin
+
+from pydantic import BaseModel
 
 from schemas.config import (
     BENCH_JUDGE_MODES,
     ControlConfig,
     InferenceConfig,
     ModelConfig,
+    SecurityConfig,
     StackConfig,
     TopicsConfig,
     TrainingConfig,
@@ -41,6 +47,76 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args) or 0
 
 
+# ---------------------------------------------------------------------- options from the config models
+Config = TypeVar("Config", bound=BaseModel)
+HIDDEN_FIELD_PREFIX = "fault_"  # fault injection for tests: accepted, never listed in --help
+
+
+@dataclass(frozen=True)
+class ConfigOptions:
+    """Fields of a config model offered as options: `--field-name`, the field's default, its description as
+    help. A field of the same name in another model a subcommand builds reads the same option."""
+
+    model: type[BaseModel]
+    fields: tuple[str, ...]
+    used_by: str = ""  # who reads them, prefixed to their help ("infer: ...")
+    flags: dict[str, str] = field(default_factory=dict)  # field -> option name where it is not `--field-name`
+
+    def flag(self, name: str) -> str:
+        return self.flags.get(name, "--" + name.replace("_", "-"))
+
+
+WORKER_OPTIONS = (
+    ConfigOptions(InferenceConfig, ("metrics_port",)),  # every kind serves metrics
+    ConfigOptions(InferenceConfig, ("max_batch_size", "max_wait_ms", "max_frame_bytes", "max_frame_pixels",
+                                    "decode_threads", "delivery", "transaction_timeout_ms",
+                                    "fault_sleep_after_first_commit_s"), used_by="infer"),
+    ConfigOptions(ControlConfig, ("training_root", "transaction_timeout_ms", "command_timeout_s",
+                                  "fault_hang_category", "fault_exit_before_commit_category"), used_by="control"),
+)
+SECURITY_OPTIONS = ConfigOptions(SecurityConfig, ("enabled", "tls"), used_by="with up", flags={"enabled": "--auth"})
+STACK_OPTIONS = ConfigOptions(StackConfig, ("state_dir",))
+TRAINING_OPTIONS = ConfigOptions(TrainingConfig, ("max_train_images",))
+SEED_OPTIONS = ConfigOptions(ModelConfig, ("seed",))
+
+
+def add_config_options(parser: argparse.ArgumentParser, *groups: ConfigOptions) -> None:
+    for group in groups:
+        for name in group.fields:
+            _add_field_option(parser, group, name)
+
+
+def _add_field_option(parser: argparse.ArgumentParser, group: ConfigOptions, name: str) -> None:
+    info = group.model.model_fields[name]
+    help_text = f"{group.used_by}: {info.description}" if group.used_by else info.description
+    shared = next((a for a in parser._actions if a.dest == name), None)
+    if shared is not None:  # one option for the same field of two models: it must mean one default
+        if shared.default != info.default:
+            raise ValueError(f"{name}: {group.model.__name__}'s default {info.default!r} is not {shared.default!r}")
+        if shared.help != argparse.SUPPRESS:
+            shared.help = f"{shared.help} {help_text}"
+        return
+    hidden = name.startswith(HIDDEN_FIELD_PREFIX)
+    parser.add_argument(group.flag(name), dest=name, default=info.default,
+                        help=argparse.SUPPRESS if hidden else help_text, **_value_options(info.annotation))
+
+
+def _value_options(annotation: object) -> dict:
+    """argparse's way to read a field's type: `X | None` reads X, a Literal its choices, a bool is a flag."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return {"choices": get_args(annotation)}
+    if annotation is bool:
+        return {"action": "store_true"}
+    return {"type": annotation}
+
+
+def config_from_args(model: type[Config], args: argparse.Namespace) -> Config:
+    """`model` with every field the parsed options name; its defaults for the rest."""
+    return model(**{name: getattr(args, name) for name in model.model_fields if hasattr(args, name)})
+
+
 # ------------------------------------------------------------------------------------- parsing
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inspection", description=__doc__)
@@ -50,38 +126,18 @@ def _parser() -> argparse.ArgumentParser:
     stack = commands.add_parser("stack", help="start/stop/describe the local Kafka + Redis (+ Prometheus)")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument("--wipe", action="store_true", help="with down: delete the servers' data too")
-    stack.add_argument("--auth", action="store_true", help="with up: Kafka SASL/SCRAM + ACLs per role, Redis ACL "
-                       "users; each role's credentials file is written under --state-dir/credentials/")
-    stack.add_argument("--tls", action="store_true", help="with --auth: SASL_SSL with a self-signed certificate")
+    add_config_options(stack, SECURITY_OPTIONS)
     _stack_options(stack)
     stack.set_defaults(handler=_stack)
 
     worker = commands.add_parser("worker", help="run an inference or control worker until SIGTERM")
     worker.add_argument("kind", choices=["infer", "control", "monitor"])
     worker.add_argument("--worker-id", default=None)
-    worker.add_argument("--metrics-port", type=int, default=0, help="0 = any free port")
     worker.add_argument("--metrics-host", default=os.environ.get("INSPECTION_METRICS_HOST", "127.0.0.1"),
                         help="address the metrics endpoint binds (0.0.0.0 in containers; loopback by default)")
-    worker.add_argument("--max-batch-size", type=int, default=InferenceConfig().max_batch_size)
-    worker.add_argument("--max-wait-ms", type=int, default=InferenceConfig().max_wait_ms)
-    worker.add_argument("--max-frame-bytes", type=int, default=InferenceConfig().max_frame_bytes)
-    worker.add_argument("--max-frame-pixels", type=int, default=InferenceConfig().max_frame_pixels)
     worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    worker.add_argument("--decode-threads", type=int, default=InferenceConfig().decode_threads,
-                        help="infer: threads decoding the next batch while the model computes the current one")
     worker.add_argument("--device", default="cpu", help="torch device for the backbone, e.g. cuda")
-    worker.add_argument("--delivery", choices=["exactly_once", "at_least_once"], default=InferenceConfig().delivery,
-                        help="infer: results in Kafka transactions (default) or produced before offsets are committed")
-    worker.add_argument("--training-root", type=Path, default=None,
-                        help="control: adds train only on folders under this one (without it, adds are refused)")
-    worker.add_argument("--transaction-timeout-ms", type=int, default=InferenceConfig().transaction_timeout_ms,
-                        help="infer and control: how long a killed worker's open transaction holds back "
-                        "read_committed readers")
-    worker.add_argument("--command-timeout-s", type=float, default=ControlConfig().command_timeout_s,
-                        help="control: " + ControlConfig.model_fields["command_timeout_s"].description)
-    worker.add_argument("--fault-sleep-after-first-commit-s", type=float, default=0.0, help=argparse.SUPPRESS)
-    worker.add_argument("--fault-hang-category", default=None, help=argparse.SUPPRESS)
-    worker.add_argument("--fault-exit-before-commit-category", default=None, help=argparse.SUPPRESS)
+    add_config_options(worker, *WORKER_OPTIONS)
     worker.add_argument("--max-restarts", type=int, default=20, help="restarts after a crash or a stuck consumer "
                         "before the supervisor gives up")
     worker.add_argument("--no-supervisor", action="store_true",
@@ -120,12 +176,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--category", action="append", default=None, help="default: every category under --root")
     bench.add_argument("--expert", action="append", default=None, help="default: the automatic choice's pool "
                        "(name reverse_distillation or ucad to add them)")
-    bench.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images,
-                       help="optional cap on each category's images (default: every one)")
+    add_config_options(bench, TRAINING_OPTIONS)
     bench.add_argument("--frame-budget-ms", type=float, action="append", default=None,
                        help="per-frame budgets the automatic choice runs at, the first as the `auto` row "
                        "(default: 250 and 2500, the default and a GPU-class budget)")
-    bench.add_argument("--seed", type=int, default=ModelConfig().seed)
+    add_config_options(bench, SEED_OPTIONS)
     bench.add_argument("--judge", choices=BENCH_JUDGE_MODES, default="chosen", help="candidates run on the test set: "
                        "those the automatic choice kept (default), every one it fitted (adds the validation-test "
                        "Spearman), or all, the ones it left unfitted fitted here")
@@ -138,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
     delivery.add_argument("--rate", type=float, default=6.0, help="frames/s the cameras publish during fault runs")
     delivery.add_argument("--json", type=Path, default=None)
     delivery.set_defaults(handler=_bench_delivery)
+
+    first_frame = commands.add_parser("bench-first-frame", help="latency of a newly added task's first frames, its "
+                                      "expert on a backbone no earlier task used (worker on a local stack)")
+    first_frame.add_argument("--frames", type=int, default=10)
+    first_frame.add_argument("--threads", type=int, default=1, help="the worker's torch CPU threads")
+    first_frame.set_defaults(handler=_bench_first_frame)
 
     perf = commands.add_parser("perf", help="frames/s and p50/p99 per stage: the key search with 1-1,000 tasks, "
                                "the model path against batch size, tasks and expert, and end to end through Kafka")
@@ -190,8 +251,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="synthetic texture tasks appended last (default: brick, grass, gravel; 'none': no synthetic task)")
     continual.add_argument("--synthetic-dir", type=Path, default=Path(".stack/synthetic"))
     continual.add_argument("--expert", default="auto", help="expert of every task; 'auto' = automatic choice")
-    continual.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images)
-    continual.add_argument("--seed", type=int, default=ModelConfig().seed)
+    add_config_options(continual, TRAINING_OPTIONS, SEED_OPTIONS)
     continual.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     continual.set_defaults(handler=_continual)
 
@@ -201,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--rate", type=float, default=8.0, help="frames per second the cameras publish")
     demo.add_argument("--limit-per-category", type=int, default=None)
-    demo.add_argument("--max-train-images", type=int, default=TrainingConfig().max_train_images)
+    add_config_options(demo, TRAINING_OPTIONS)
     demo.add_argument("--keep-running", action="store_true", help="leave the stack and workers up afterwards")
     demo.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     _stack_options(demo)
@@ -213,11 +273,11 @@ _PORTS = ("kafka_port", "kafka_controller_port", "redis_port", "prometheus_port"
 
 
 def _stack_options(parser: argparse.ArgumentParser) -> None:
-    defaults = StackConfig()
-    parser.add_argument("--state-dir", type=Path, default=defaults.state_dir)
+    add_config_options(parser, STACK_OPTIONS)
     for port in _PORTS:  # None: what the state folder remembers from its `up`, else the default
-        parser.add_argument(f"--{port.replace('_', '-')}", type=int, default=None,
-                            help=f"default: the state folder's, else {getattr(defaults, port)}")
+        info = StackConfig.model_fields[port]
+        parser.add_argument(STACK_OPTIONS.flag(port), type=int, default=None,
+                            help=f"{info.description} Default: the state folder's, else {info.default}.")
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -227,15 +287,13 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
 
 
 def stack_config(args: argparse.Namespace) -> StackConfig:
-    from schemas.config import SecurityConfig
-
     from tools.stack import remembered_config
 
     # A stack is found again by its folder alone: `status` or `down --state-dir X` without the ports it was
     # started with must not take a live server's pid file for a stale one.
     base = remembered_config(args.state_dir) or StackConfig(state_dir=args.state_dir)
     ports = {port: getattr(args, port) for port in _PORTS if getattr(args, port) is not None}
-    security = SecurityConfig(enabled=getattr(args, "auth", False), tls=getattr(args, "tls", False))
+    security = config_from_args(SecurityConfig, args)
     starting = getattr(args, "action", "up") == "up"
     return base.model_copy(update={**ports, "state_dir": args.state_dir,
                                    **({"security": security} if starting else {})})
@@ -292,12 +350,7 @@ def _worker(args: argparse.Namespace) -> int:
         from pipeline.core.inspector import Inspector
         from workers.inference import InferenceWorker
 
-        config = InferenceConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                                 max_frame_bytes=args.max_frame_bytes, max_frame_pixels=args.max_frame_pixels,
-                                 metrics_port=args.metrics_port, delivery=args.delivery,
-                                 decode_threads=args.decode_threads, transaction_timeout_ms=args.transaction_timeout_ms,
-                                 fault_sleep_after_first_commit_s=args.fault_sleep_after_first_commit_s)
-        worker = InferenceWorker(args.bootstrap, topics, config, Inspector(backbones, ModelConfig()), store,
+        worker = InferenceWorker(args.bootstrap, topics, config_from_args(InferenceConfig, args), Inspector(backbones, ModelConfig()), store,
                                  InferenceMetrics(registry), worker_id)
     elif args.kind == "monitor":
         from pipeline.core.inspector import Inspector
@@ -308,11 +361,7 @@ def _worker(args: argparse.Namespace) -> int:
     else:
         from workers.control import ControlWorker
 
-        config = ControlConfig(metrics_port=args.metrics_port, training_root=args.training_root,
-                               transaction_timeout_ms=args.transaction_timeout_ms,
-                               command_timeout_s=args.command_timeout_s, fault_hang_category=args.fault_hang_category,
-                               fault_exit_before_commit_category=args.fault_exit_before_commit_category)
-        worker = ControlWorker(args.bootstrap, topics, config, ModelConfig(),
+        worker = ControlWorker(args.bootstrap, topics, config_from_args(ControlConfig, args), ModelConfig(),
                                TrainingConfig(), backbones, store, ControlMetrics(registry), worker_id)
     port = serve(registry, args.metrics_host, args.metrics_port)
     log.info("%s ready; metrics on http://%s:%d/metrics", worker_id, args.metrics_host, port)
@@ -391,8 +440,8 @@ def _bench(args: argparse.Namespace) -> int:
     from pipeline.evaluation.benchmark import GPU_CLASS_FRAME_BUDGET_MS
     from schemas.config import DEFAULT_FRAME_BUDGET_MS
 
-    model = ModelConfig(seed=args.seed)
-    training = TrainingConfig(max_train_images=args.max_train_images)
+    model = config_from_args(ModelConfig, args)
+    training = config_from_args(TrainingConfig, args)
     budgets = args.frame_budget_ms or [DEFAULT_FRAME_BUDGET_MS, GPU_CLASS_FRAME_BUDGET_MS]
     if not all(math.isfinite(b) and b > 0 for b in budgets):
         raise SystemExit("--frame-budget-ms takes finite numbers > 0")
@@ -440,6 +489,13 @@ def _bench_delivery(args: argparse.Namespace) -> int:
     print(markdown_table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+def _bench_first_frame(args: argparse.Namespace) -> int:
+    from tools.first_frame_bench import run_first_frame_benchmark, table
+
+    print(table(run_first_frame_benchmark(args.frames, args.threads)))
     return 0
 
 
@@ -500,8 +556,8 @@ def _continual(args: argparse.Namespace) -> int:
     from pipeline.evaluation.continual import TaskSource, markdown_report, run_continual_benchmark
     from pipeline.features.backbone import Backbones
 
-    model = ModelConfig(seed=args.seed)
-    training = TrainingConfig(max_train_images=args.max_train_images)
+    model = config_from_args(ModelConfig, args)
+    training = config_from_args(TrainingConfig, args)
     root = args.root
     sources = [TaskSource(c, root) for c in (args.category or (discover_categories(root) if root.is_dir() else []))]
     if args.elpv:

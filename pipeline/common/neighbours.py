@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import faiss
 import numpy as np
 import torch
 
@@ -68,6 +67,8 @@ class NearestNeighbours:
     def _faiss_gpu_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = self._gpu_indexes.get(queries.device)
         if index is None:
+            import faiss
+
             resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(resources, queries.device.index or 0, self._faiss())
             self._gpu_indexes[queries.device] = index
@@ -76,6 +77,8 @@ class NearestNeighbours:
 
     def _faiss(self):
         if self._faiss_index is None:
+            import faiss  # here, not at the top: faiss is a reference backend an install may lack
+
             self._faiss_index = (faiss.IndexFlatL2 if self.metric == "l2" else faiss.IndexFlatIP)(self.bank.shape[1])
             self._faiss_index.add(self.bank)
         return self._faiss_index
@@ -91,4 +94,8 @@ class NearestNeighbours:
 
 
 def _faiss_has_gpus() -> bool:
+    try:
+        import faiss
+    except ImportError:  # a GPU box without faiss searches with torch
+        return False
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0

@@ -1,6 +1,9 @@
 """Per-frame inspection with the tasks currently in the store: which product, how anomalous, where.
 
 `Inspector.sync(store)` follows the store incrementally (only new or changed task entries are loaded);
+it is `prepare(store)`, which loads the new version beside the one served (every backbone its tasks need
+included, and each new expert run once, so no frame pays for a first use), then `use(snapshot)`, which
+serves it: a worker prepares on a thread of its own and swaps the snapshot in between two batches;
 `Inspector.inspect(images)` is two-stage: one cheap, shared routing pass (the unprompted ViT on every
 frame squeezed to the routing size) identifies the task of every frame in one vectorised search; then
 each identified task's expert runs once on its frames at the task's own input spec (geometry, tiling,
@@ -11,6 +14,7 @@ them from the routing pass (computed once).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +29,8 @@ from pipeline.core.task_id import KeyTaskIdentifier, TaskMatch, task_features
 from schemas.config import ModelConfig
 from schemas.spec import InputSpec, routing_spec
 from schemas.store import TaskEntry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +57,21 @@ class Inspection:
     map_max_score: float | None
     task_version: int | None
 
+    @classmethod
+    def unknown(cls, match: TaskMatch) -> "Inspection":
+        """A frame routed to no known task: its match, nothing judged."""
+        return cls(match, None, None, None, None, None, None, None, None, None)
+
+
+@dataclass(frozen=True)
+class TaskSnapshot:
+    """The tasks of one store version, loaded and ready to serve; `changed`: categories added, replaced or
+    removed against the tasks served when it was prepared."""
+
+    tasks: dict[str, LoadedTask]
+    version: int
+    changed: list[str]
+
 
 @dataclass
 class BatchTimings:
@@ -72,11 +93,23 @@ class Inspector:
     # ------------------------------------------------------------------------------ store sync
     def sync(self, store: KnowledgeStore) -> list[str]:
         """Bring the loaded tasks to the store's current manifest; returns the categories that changed."""
+        snapshot = self.prepare(store)
+        if snapshot is None:
+            return []
+        self.use(snapshot)
+        return snapshot.changed
+
+    def prepare(self, store: KnowledgeStore) -> TaskSnapshot | None:
+        """The store's current manifest loaded beside the tasks served, which it leaves as they are (None
+        when it is the version served): entries whose blobs did not change keep their loaded task; every
+        backbone the tasks need is loaded and each new expert runs once, here rather than on a frame.
+        Safe on another thread than `inspect`'s, one call at a time."""
         manifest = store.manifest()
         if manifest.version == self.store_version:
-            return []
-        changed = [name for name in self.tasks if name not in manifest.tasks]
-        loaded = {name: task for name, task in self.tasks.items() if name in manifest.tasks}
+            return None
+        served = self.tasks
+        changed = [name for name in served if name not in manifest.tasks]
+        loaded = {name: task for name, task in served.items() if name in manifest.tasks}
         for name, entry in manifest.tasks.items():
             current = loaded.get(name)
             if current is None or current.entry.blobs != entry.blobs:
@@ -85,8 +118,26 @@ class Inspector:
                 changed.append(name)
             else:
                 loaded[name] = LoadedTask(entry, current.artifacts, current.expert)
-        self.set_tasks(loaded, manifest.version)
-        return changed
+        self.backbones.preload(task.spec.backbone for task in loaded.values())
+        for name in changed:
+            if name in loaded:
+                self._warm_up(loaded[name])
+        return TaskSnapshot(loaded, manifest.version, changed)
+
+    def use(self, snapshot: TaskSnapshot) -> None:
+        """Serve a prepared snapshot (on the thread that inspects: a batch sees one version whole)."""
+        self.set_tasks(snapshot.tasks, snapshot.version)
+
+    def _warm_up(self, task: LoadedTask) -> None:
+        """One blank frame through the task's expert: its first run's one-off costs (kernels chosen for
+        new shapes, search banks made) are paid here. Best effort: a frame that fails the same way
+        reports it as its own error."""
+        blank = np.zeros((task.spec.height, task.spec.width, 3), dtype=np.uint8)
+        try:
+            run_on_frames(task.expert, task.spec, self.backbones, [blank], 1)
+        except Exception:
+            log.warning("warm-up of %s's expert failed; its first frame pays its first run", task.entry.category,
+                        exc_info=True)
 
     def set_tasks(self, tasks: dict[str, LoadedTask], version: int) -> None:
         """Serve exactly these tasks (sync does this from the store; benchmarks with tasks built in memory)."""
@@ -139,8 +190,7 @@ class Inspector:
             for row, inspection in zip(mine, self._run_expert(task, [images[r] for r in mine],
                                                               [matches[r] for r in mine], shared)):
                 results[row] = inspection
-        return [results.get(r) or Inspection(matches[r], None, None, None, None, None, None, None, None, None)
-                for r in rows]
+        return [results.get(r) or Inspection.unknown(matches[r]) for r in rows]
 
     def _run_expert(self, task: LoadedTask, images: list[np.ndarray], matches: list[TaskMatch],
                     shared: FeatureBatch | None) -> list[Inspection]:

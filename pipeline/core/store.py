@@ -20,12 +20,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-
-import redis
+from typing import TYPE_CHECKING
 
 from pipeline.core.calibration import Calibration
 from pipeline.core.task import TaskArtifacts
 from schemas.store import GarbageReport, StoreManifest, TaskEntry
+
+if TYPE_CHECKING:
+    import redis
 
 MGET_CHUNK = 500  # manifest keys per MGET when reading the retained versions
 
@@ -68,6 +70,8 @@ class KnowledgeStore:
     @classmethod
     def from_url(cls, url: str, namespace: str = "kpk", **client_options) -> "KnowledgeStore":
         """`client_options`: redis-py keywords, e.g. the username and password of an ACL user."""
+        import redis  # here, not at the top: pure evaluation imports this module without a Redis client
+
         return cls(redis.Redis.from_url(url, **client_options), namespace)
 
     def _blob_key(self, digest: str) -> str:
@@ -268,6 +272,8 @@ class KnowledgeStore:
 
         `change(manifest, version, now, pipe)` runs before MULTI (it may read and WATCH through `pipe`)
         and returns the new tasks and the blobs to write (digest -> bytes, SET NX)."""
+        from redis import WatchError  # the client's own library: a store always has one by now
+
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -295,7 +301,7 @@ class KnowledgeStore:
                     pipe.publish(self.updates_channel, version)
                     pipe.execute()
                     return version
-                except redis.WatchError:
+                except WatchError:
                     continue
 
     # --------------------------------------------------------------------------- garbage collection
@@ -322,6 +328,8 @@ class KnowledgeStore:
         """
         if keep_versions < 0 or grace_s < 0:
             raise ValueError("keep_versions and grace_s must be >= 0")
+        from redis import WatchError
+
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -338,7 +346,7 @@ class KnowledgeStore:
                     _, manifests_deleted, *blobs_deleted = pipe.execute()
                     return GarbageReport(manifests_deleted=manifests_deleted, blobs_deleted=sum(blobs_deleted),
                                          bytes_freed=plan.bytes_freed, kept_versions=plan.kept_versions)
-                except redis.WatchError:
+                except WatchError:
                     continue
 
     def _plan_garbage(self, pipe, keep_versions: int, grace_s: float, now: datetime | None) -> _GarbagePlan:

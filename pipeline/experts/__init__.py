@@ -1,61 +1,42 @@
-"""Anomaly experts: one folder per model, the torch model apart from its fitting logic."""
+"""Anomaly experts: one folder per model, the torch model apart from its fitting logic.
+
+Adding an expert: its folder (the expert class, with `name` and `config_type`; its config's fields that the
+line's ModelConfig sets declared with `model_setting`) and one line in `EXPERT_TYPES`.
+"""
 
 from __future__ import annotations
 
-from pipeline.experts.base import Expert, ExpertOutput
-from pipeline.experts.dinov2 import DINOv2Patch, DINOv2PatchConfig
-from pipeline.experts.fcdd import FCDD, FCDDConfig
-from pipeline.experts.panda import PANDA, PANDAConfig
-from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
-from pipeline.experts.reverse_distillation import ReverseDistillation, ReverseDistillationConfig
-from pipeline.experts.simplenet import SimpleNet, SimpleNetConfig
-from pipeline.experts.ucad import UCAD, UCADConfig
+from pipeline.experts.base import Expert, ExpertOutput, model_settings
+from pipeline.experts.dinov2 import DINOv2Patch
+from pipeline.experts.fcdd import FCDD
+from pipeline.experts.panda import PANDA
+from pipeline.experts.patchcore import PatchCore
+from pipeline.experts.reverse_distillation import ReverseDistillation
+from pipeline.experts.simplenet import SimpleNet
+from pipeline.experts.ucad import UCAD
 from schemas.config import ModelConfig
 
 # Order = preference on ties in the automatic choice.
 EXPERT_TYPES: dict[str, type[Expert]] = {
-    PatchCore.name: PatchCore,
-    ReverseDistillation.name: ReverseDistillation,
-    FCDD.name: FCDD,
-    UCAD.name: UCAD,
-    DINOv2Patch.name: DINOv2Patch,
-    PANDA.name: PANDA,
-    SimpleNet.name: SimpleNet,
+    expert.name: expert for expert in (PatchCore, ReverseDistillation, FCDD, UCAD, DINOv2Patch, PANDA, SimpleNet)
 }
 
 
+def expert_type(name: str) -> type[Expert]:
+    if name not in EXPERT_TYPES:
+        raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
+    return EXPERT_TYPES[name]
+
+
 def build_expert(name: str, config: ModelConfig) -> Expert:
-    """An unfitted expert of the given name, configured from the model config."""
-    if name == PatchCore.name:
-        return PatchCore(
-            PatchCoreConfig(
-                coreset_ratio=config.coreset_ratio,
-                projection_dim=config.coreset_projection_dim,
-                max_coreset_size=config.max_coreset_size,
-                num_neighbors=config.num_neighbors,
-                map_sigma=config.map_sigma,
-                seed=config.seed,
-            )
-        )
-    if name == ReverseDistillation.name:
-        return ReverseDistillation(ReverseDistillationConfig(map_sigma=config.map_sigma, seed=config.seed))
-    if name == FCDD.name:
-        return FCDD(FCDDConfig(seed=config.seed))
-    if name == UCAD.name:
-        return UCAD(UCADConfig(num_neighbors=config.num_neighbors, map_sigma=config.map_sigma, seed=config.seed))
-    if name == PANDA.name:  # DN2's k (2) is not PatchCore's re-weighting b: it keeps its own default
-        return PANDA(PANDAConfig(map_sigma=config.map_sigma, seed=config.seed))
-    if name == SimpleNet.name:
-        return SimpleNet(SimpleNetConfig(map_sigma=config.map_sigma, seed=config.seed))
-    if name == DINOv2Patch.name:
-        return DINOv2Patch(DINOv2PatchConfig(map_sigma=config.map_sigma, seed=config.seed))
-    raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
+    """An unfitted expert of the given name: its config's defaults, with the line's settings it takes
+    from the model config (its `model_setting` fields)."""
+    kind = expert_type(name)
+    return kind(kind.config_type(**model_settings(kind.config_type, config)))
 
 
 def load_expert(name: str, state: bytes) -> Expert:
-    if name not in EXPERT_TYPES:
-        raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
-    return EXPERT_TYPES[name].from_bytes(state)
+    return expert_type(name).from_bytes(state)
 
 
-__all__ = ["EXPERT_TYPES", "Expert", "ExpertOutput", "build_expert", "load_expert"]
+__all__ = ["EXPERT_TYPES", "Expert", "ExpertOutput", "build_expert", "expert_type", "load_expert"]

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import numpy as np
 
 from pipeline.features.backbone import Backbone, FeatureBatch
 from pipeline.common.serialization import unpack
+from schemas.config import ModelConfig
 from schemas.spec import CNN_BACKBONES
+
+# Dataclass-field metadata key: the ModelConfig field a line sets this expert-config field from.
+MODEL_SETTING = "model_setting"
 
 
 @dataclass
@@ -27,6 +31,7 @@ class ExpertOutput:
 
 class Expert(ABC):
     name: ClassVar[str]
+    config_type: ClassVar[type]  # its frozen config dataclass; build_expert fills its `model_setting` fields
     # InputSpec backbones the expert works on (schemas.spec); CNN experts read the batch's stages, ViT
     # experts run the shared ViT on the batch's pixels themselves (the CNN is then not run at all).
     backbones: ClassVar[tuple[str, ...]] = CNN_BACKBONES
@@ -72,3 +77,16 @@ class Expert(ABC):
 def config_from_dict(config_type: type, values: dict):
     """A frozen config dataclass from its JSON form (JSON turned its tuples into lists)."""
     return config_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def model_setting(name: str) -> Any:
+    """An expert-config field the line's ModelConfig sets (field `name` there), defaulting to ModelConfig's
+    default: a setting every expert of a line shares is written once, in schemas.config. Fields declared
+    plainly are the expert's own, whatever their name (PANDA's num_neighbors is DN2's k, not PatchCore's b)."""
+    return field(default=ModelConfig.model_fields[name].default, metadata={MODEL_SETTING: name})
+
+
+def model_settings(config_type: type, model: ModelConfig) -> dict[str, Any]:
+    """The values of `config_type`'s `model_setting` fields in `model`, by the config's field names."""
+    return {f.name: getattr(model, f.metadata[MODEL_SETTING])
+            for f in fields(config_type) if MODEL_SETTING in f.metadata}

@@ -10,6 +10,8 @@ which reproduces the reference implementation's logits exactly.
 from __future__ import annotations
 
 import copy
+import threading
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -148,11 +150,13 @@ class Backbone(nn.Module):
 
 
 class Backbones:
-    """The frozen extractors by InputSpec backbone name, sharing one ViT; a CNN is loaded on first use."""
+    """The frozen extractors by InputSpec backbone name, sharing one ViT; a CNN is loaded by `preload` or on
+    first use. Loading may run on another thread than inference (a worker preloads beside its stream)."""
 
     def __init__(self, default: Backbone):
         self.default = default
         self._by_cnn: dict[str, Backbone] = {default.cnn_name: default}
+        self._loading = threading.Lock()  # one load per CNN, however many threads ask for it
 
     @classmethod
     def pretrained(cls, device: str | torch.device = "cpu") -> "Backbones":
@@ -176,9 +180,23 @@ class Backbones:
         """The Backbone whose CNN the spec names; ViT specs get the default one (its CNN is not run)."""
         if backbone_name not in CNNS:
             return self.default
-        if backbone_name not in self._by_cnn:
-            self._by_cnn[backbone_name] = Backbone.pretrained(self.default.device, cnn=backbone_name, vit=self.default.vit)
-        return self._by_cnn[backbone_name]
+        loaded = self._by_cnn.get(backbone_name)
+        if loaded is not None:
+            return loaded
+        with self._loading:
+            if backbone_name not in self._by_cnn:
+                self._by_cnn[backbone_name] = Backbone.pretrained(self.default.device, cnn=backbone_name,
+                                                                  vit=self.default.vit)
+            return self._by_cnn[backbone_name]
+
+    def loaded(self) -> set[str]:
+        """The CNNs loaded so far."""
+        return set(self._by_cnn)
+
+    def preload(self, backbone_names: Iterable[str]) -> None:
+        """Load the networks the named specs need, batch norms folded, so that no frame waits for them."""
+        for name in sorted(set(backbone_names)):
+            self.for_spec(name).inference_net
 
 
 class _ActivationOnly(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.common.neighbours import NearestNeighbours
 from pipeline.common.serialization import pack
-from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
+from pipeline.experts.base import Expert, ExpertOutput, config_from_dict, model_setting
 from pipeline.experts.dinov2.torch_model import (
     CENTRE_MIN_FOREGROUND,
     centre_foreground,
@@ -55,11 +55,11 @@ class DINOv2PatchConfig:
     layers: tuple[int, ...] = (11,)  # ViT blocks (0-based) whose patch tokens are concatenated; 11 = last, the paper's
     final_norm: bool = True  # the ViT's final LayerNorm on each block's tokens, as AnomalyDINO (norm=True)
     max_bank_size: int = 10_000  # greedy coreset above this (10k x 384 float32 = 15 MiB of state)
-    coreset_projection_dim: int = 64  # random projection used only to speed up coreset selection
+    coreset_projection_dim: int = 64  # its own (not the line's PatchCore one): only speeds up coreset selection
     top_fraction: float = 0.01  # image score = mean of the largest 1% patch distances (at least one patch)
-    map_sigma: float = 4.0
+    map_sigma: float = model_setting("map_sigma")
     masking: str = "auto"  # "auto" | "on" | "off": PCA foreground masking (see AUTO_RULE)
-    seed: int = 0
+    seed: int = model_setting("seed")
 
     def __post_init__(self) -> None:
         if not self.layers or list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 0:
@@ -91,6 +91,7 @@ class Foreground:
 
 class DINOv2Patch(Expert):
     name = "dinov2"
+    config_type = DINOv2PatchConfig
     backbones = (VIT_BACKBONE,)
     square_inputs = False
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.features.backbone import Backbone, FeatureBatch
-from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
+from pipeline.experts.base import Expert, ExpertOutput, config_from_dict, model_setting
 from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, seeded_generator, split_indices
 from pipeline.experts.fcdd.torch_model import (
     OUTPUT_STRIDE,
@@ -40,7 +40,7 @@ class FCDDConfig:
     map_kernel_size: int = 68  # Gaussian upsampling kernel side ~ stage 2's receptive field (67 px)
     map_sigma: float = 12.0  # FCDD's default for 224 px inputs
     image_score: str = "mean"  # "mean" of A over the low-resolution map (the paper), or "max"
-    seed: int = 0
+    seed: int = model_setting("seed")
 
     def __post_init__(self) -> None:
         if self.image_score not in IMAGE_SCORES:
@@ -61,6 +61,7 @@ class FCDDConfig:
 
 class FCDD(Expert):
     name = "fcdd"
+    config_type = FCDDConfig
 
     def __init__(self, config: FCDDConfig = FCDDConfig()):
         self.config = config

@@ -61,7 +61,7 @@ import torch
 from pipeline.common.sampling import farthest_point_sampling
 from pipeline.common.serialization import pack
 from pipeline.data.synthetic_anomalies import synthesize
-from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
+from pipeline.experts.base import Expert, ExpertOutput, config_from_dict, model_setting
 from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, seeded_generator, split_indices
 from pipeline.experts.panda.torch_model import (
     START_STAGE,
@@ -111,13 +111,13 @@ class PANDAConfig:
     # Scoring.
     num_neighbors: int = 2  # DN2's k: image score = mean distance to the k nearest fit images' global features
     map_neighbors: int = 10  # SPADE's K: nearest fit images (by global feature) whose maps a test map is matched to
-    map_sigma: float = 4.0  # Gaussian smoothing of the upsampled map (pixels)
+    map_sigma: float = model_setting("map_sigma")  # Gaussian smoothing of the upsampled map (pixels)
     max_state_mb: float = 20.0  # cap on the stored state: the SPADE map gallery keeps what the weights leave
     # Held-out split for early stopping (pipeline.experts.fitting.split_indices).
     validation_fraction: float = 0.15
     min_validation_images: int = 2
     anomalies_per_image: int = 2  # synthetic anomalies made of each held-out image (more pairs for the AUROC)
-    seed: int = 0
+    seed: int = model_setting("seed")
 
     def __post_init__(self) -> None:
         if self.max_epochs < 0 or self.batch_size < 1 or self.patience < 0:
@@ -130,6 +130,7 @@ class PANDAConfig:
 
 class PANDA(Expert):
     name = "panda"
+    config_type = PANDAConfig
     square_inputs = False
 
     def __init__(self, config: PANDAConfig = PANDAConfig()):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.features.backbone import PATCH_STAGES, Backbone, FeatureBatch
-from pipeline.experts.base import Expert, ExpertOutput
+from pipeline.experts.base import Expert, ExpertOutput, model_setting
 from pipeline.experts.patchcore.memory_bank import MemoryBank
 from pipeline.experts.patchcore.torch_model import embed_patches
 from pipeline.common.serialization import pack
@@ -17,16 +17,19 @@ from pipeline.common.serialization import pack
 
 @dataclass(frozen=True)
 class PatchCoreConfig:
-    coreset_ratio: float = 0.02
-    projection_dim: int = 64  # random projection used only to speed up coreset selection
-    max_coreset_size: int = 8000
-    num_neighbors: int = 3  # b of the image-score re-weighting
-    map_sigma: float = 4.0
-    seed: int = 0
+    """Every field is the line's (ModelConfig); `projection_dim` keeps its stored name."""
+
+    coreset_ratio: float = model_setting("coreset_ratio")
+    projection_dim: int = model_setting("coreset_projection_dim")  # random projection: speeds up coreset selection
+    max_coreset_size: int = model_setting("max_coreset_size")
+    num_neighbors: int = model_setting("num_neighbors")  # b of the image-score re-weighting
+    map_sigma: float = model_setting("map_sigma")
+    seed: int = model_setting("seed")
 
 
 class PatchCore(Expert):
     name = "patchcore"
+    config_type = PatchCoreConfig
 
     def __init__(self, config: PatchCoreConfig = PatchCoreConfig()):
         self.config = config

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.features.backbone import Backbone, FeatureBatch
-from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
+from pipeline.experts.base import Expert, ExpertOutput, config_from_dict, model_setting
 from pipeline.experts.fitting import EarlyStopping, FitReport, load_module_arrays, module_arrays, split_indices
 from pipeline.experts.reverse_distillation.torch_model import (
     TEACHER_STAGES,
@@ -34,8 +34,8 @@ class ReverseDistillationConfig:
     batch_size: int = 16
     validation_fraction: float = 0.15  # of the fit images, held out (normal only) for early stopping
     min_validation_images: int = 2
-    map_sigma: float = 4.0
-    seed: int = 0
+    map_sigma: float = model_setting("map_sigma")
+    seed: int = model_setting("seed")
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 1 or self.patience < 0:
@@ -56,6 +56,7 @@ def flush_denormals() -> Iterator[None]:
 
 class ReverseDistillation(Expert):
     name = "reverse_distillation"
+    config_type = ReverseDistillationConfig
 
     def __init__(self, config: ReverseDistillationConfig = ReverseDistillationConfig()):
         self.config = config

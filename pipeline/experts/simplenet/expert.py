@@ -18,7 +18,7 @@ import torch
 
 from pipeline.common.serialization import pack
 from pipeline.data.synthetic_anomalies import synthesize
-from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
+from pipeline.experts.base import Expert, ExpertOutput, config_from_dict, model_setting
 from pipeline.experts.fitting import EarlyStopping, load_module_arrays, module_arrays, seeded_generator, split_indices
 from pipeline.experts.patchcore.torch_model import embed_patches, upsample_maps
 from pipeline.experts.simplenet.torch_model import SimpleNetModel, truncated_l1
@@ -38,8 +38,8 @@ class SimpleNetConfig:
     adaptor_learning_rate: float = 1e-4
     validation_fraction: float = 0.1  # of the fit images, held out (with synthetic anomalies) for early stopping
     min_validation_images: int = 2
-    map_sigma: float = 4.0
-    seed: int = 0
+    map_sigma: float = model_setting("map_sigma")
+    seed: int = model_setting("seed")
 
 
 TIE_SCALE = 100.0  # held-out AUROC outweighs any training loss (which is at most 2 * (1 + margin))
@@ -47,6 +47,7 @@ TIE_SCALE = 100.0  # held-out AUROC outweighs any training loss (which is at mos
 
 class SimpleNet(Expert):
     name = "simplenet"
+    config_type = SimpleNetConfig
 
     def __init__(self, config: SimpleNetConfig = SimpleNetConfig()):
         self.config = config

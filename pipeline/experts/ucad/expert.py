@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.features.backbone import Backbone, FeatureBatch
-from pipeline.experts.base import Expert, ExpertOutput, config_from_dict
+from pipeline.experts.base import Expert, ExpertOutput, config_from_dict, model_setting
 from pipeline.experts.patchcore.memory_bank import MemoryBank
 from pipeline.experts.ucad.torch_model import init_prompts, knowledge_features, structure_contrastive_loss
 from pipeline.features.segmentation import MaskCache, MaskerConfig, StructureMasker, patch_labels
@@ -47,15 +47,16 @@ class UCADConfig:
     learning_rate: float = 1e-3  # gentle: prompts start from small noise, and larger steps drifted features away
     temperature: float = 0.1
     sam_points_per_side: int = 8  # SAM's default is 32: 16x fewer mask decodes
+    # UCAD's own coreset: the line's PatchCore coreset settings (ModelConfig) do not reach it.
     coreset_ratio: float = 0.1
     coreset_projection_dim: int = 64
     max_coreset_size: int = 8000
-    num_neighbors: int = 3
-    map_sigma: float = 4.0
+    num_neighbors: int = model_setting("num_neighbors")
+    map_sigma: float = model_setting("map_sigma")
     validation_fraction: float = 0.2  # of the fit images, held out (with synthetic anomalies) to judge the prompt
     min_validation_images: int = 4
     validation_references: int = 16  # fit images whose features the validation score searches
-    seed: int = 0
+    seed: int = model_setting("seed")
 
     def __post_init__(self) -> None:
         if not self.knowledge_layers or list(self.knowledge_layers) != sorted(set(self.knowledge_layers)):
@@ -83,6 +84,7 @@ class PromptReport:
 
 class UCAD(Expert):
     name = "ucad"
+    config_type = UCADConfig
     backbones = (VIT_BACKBONE,)
     square_inputs = True  # Segment-Anything's region labels are pooled onto a square token grid
 

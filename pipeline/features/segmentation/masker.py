@@ -15,14 +15,17 @@ Shrinking the image to `input_size` first saves only the per-mask post-processin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything import SamAutomaticMaskGenerator
-from segment_anything.modeling import Sam
 
 from pipeline.features.segmentation.sam import build_mobile_sam
+
+if TYPE_CHECKING:
+    from segment_anything import SamAutomaticMaskGenerator
+    from segment_anything.modeling import Sam
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ class StructureMasker:
     @property
     def generator(self) -> SamAutomaticMaskGenerator:
         if self._generator is None:
+            # segment_anything is imported on first use: masks cached on disk are read without it
+            from segment_anything import SamAutomaticMaskGenerator
+
             config = self.config
             self._generator = SamAutomaticMaskGenerator(
                 self.model,

@@ -8,18 +8,24 @@ so a mismatch is an `AssetError`, never a model left with random weights.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from pipeline.common.assets import MOBILE_SAM, AssetError, verified_path
 from pipeline.features.segmentation.tiny_vit import IMAGE_SIZE, NECK_CHANNELS, TinyViTEncoder
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
 
 EMBEDDING_SIZE = IMAGE_SIZE // 16  # 64 x 64 image embedding, as in SAM
 
 
 def mobile_sam_architecture() -> Sam:
     """The untrained network with SAM's standard prompt encoder / mask decoder configuration."""
+    # imported here: an environment that only reads cached masks may lack segment_anything
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
     return Sam(
         image_encoder=TinyViTEncoder(),
         prompt_encoder=PromptEncoder(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 IMAGE_SIZE = 1024
@@ -187,6 +186,8 @@ class TinyViTEncoder(nn.Module):
     img_size = IMAGE_SIZE  # read by segment-anything's predictor (ResizeLongestSide) and Sam.preprocess
 
     def __init__(self):
+        from segment_anything.modeling.common import LayerNorm2d  # with SAM, which this encoder only serves
+
         super().__init__()
         self.patch_embed = PatchEmbed(EMBED_DIMS[0])
         self.layers = nn.ModuleList()
