@@ -286,6 +286,17 @@ def test_the_build_context_admits_what_the_dockerfile_copies() -> None:
         assert f"!{source}" in ignore, f"{source} is excluded from the build context"
 
 
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    """`pip install .` in the image finds what pyproject's package list names only if it was copied in."""
+    tomllib = pytest.importorskip("tomllib")
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted({pattern.rstrip("*") for pattern in patterns})
+    dockerfile = DOCKERFILE.read_text()
+    assert set(packages) >= {"schemas", "pipeline", "workers", "tools"}
+    for package in packages:
+        assert f"COPY {package}/ {package}/" in dockerfile, f"{package}/ is installed but not copied into the image"
+
+
 # ------------------------------------------------------------------------------ addresses and ports
 def test_the_workers_are_told_where_kafka_and_redis_listen() -> None:
     kafka = _kafka_env()
