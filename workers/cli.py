@@ -266,7 +266,41 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     _stack_options(demo)
     demo.set_defaults(handler=_demo)
+
+    routing = commands.add_parser("bench-routing", help="task identification and unknown rejection with routing's "
+                                  "ViT key pass at smaller squares (measurement only; the stored routing is unchanged)")
+    routing.add_argument("--root", type=Path, default=Path("../shared/datasets"), help="MVTec-layout products")
+    routing.add_argument("--sizes", type=int, nargs="+", default=[112, 140, 168, 224], help="key-pass square sides")
+    routing.add_argument("--elpv", action="store_true", help="add the ELPV solar-cell product (optional extra '.[elpv]')")
+    routing.add_argument("--synthetic", action="store_true", help="add the synthetic texture categories (brick, grass, "
+                         "gravel; written to a temporary folder)")
+    routing.add_argument("--max-test-frames", type=int, default=None, help="a seeded sample of each product's test "
+                         "frames (default: all)")
+    add_config_options(routing, SEED_OPTIONS)
+    routing.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    routing.set_defaults(handler=_bench_routing)
     return parser
+
+
+def _bench_routing(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from pipeline.evaluation.routing_sizes import markdown_table, measure_routing_sizes, product_sources, rows_as_dicts
+    from pipeline.features.backbone import Backbones
+
+    model, started = config_from_args(ModelConfig, args), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-routing-") as scratch:  # synthetic frames: nothing kept
+        sources = product_sources(args.root, args.elpv, Path(scratch) if args.synthetic else None, model.seed)
+        rows = measure_routing_sizes(sources, Backbones.pretrained(), model, TrainingConfig(), args.sizes,
+                                     args.max_test_frames)
+    seconds = time.perf_counter() - started
+    print(markdown_table(rows) + f"\n\n{len(sources)} products, {seconds:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"sizes": args.sizes, "products": [s.category for s in sources],
+                                         "max_test_frames": args.max_test_frames, "seed": model.seed,
+                                         "seconds": round(seconds, 1), "rows": rows_as_dicts(rows)}, indent=2))
+    return 0
 
 
 _PORTS = ("kafka_port", "kafka_controller_port", "redis_port", "prometheus_port")
