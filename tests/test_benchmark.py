@@ -50,7 +50,13 @@ def test_by_default_only_the_kept_candidate_runs_on_test_and_the_others_keep_the
 def test_every_candidate_has_a_row_and_the_choice_is_repeated_per_frame_budget(rows) -> None:
     candidates = [r for r in rows if not r.expert.startswith("auto")]
     assert {r.expert for r in candidates} == {"patchcore", "fcdd"}
-    assert len({(r.expert, r.spec) for r in candidates}) == len(candidates)  # one row per (expert, spec)
+    # one row per (expert, spec) and frame budget, each with that budget's verdict, tested once
+    assert len({(r.expert, r.spec, r.frame_budget_ms) for r in candidates}) == len(candidates)
+    by_budget = {budget: {(r.expert, r.spec): r for r in candidates if r.frame_budget_ms == budget} for budget in (1e5, 2e5)}
+    assert by_budget[1e5].keys() == by_budget[2e5].keys() and by_budget[1e5]
+    for key, row in by_budget[1e5].items():
+        assert by_budget[2e5][key].image_auroc == row.image_auroc
+    candidates = list(by_budget[1e5].values())
     [auto] = [r for r in rows if r.expert == "auto"]
     [larger] = [r for r in rows if r.expert == "auto@200000ms"]
     assert (auto.frame_budget_ms, larger.frame_budget_ms) == (1e5, 2e5)

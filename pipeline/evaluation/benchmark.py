@@ -6,7 +6,8 @@ FAR_NORMALS normals measure false alarms where the product has them), then the r
 exactly as adding the task does (same seed, pipeline.core.training). The automatic choice runs as it does
 live (same candidates, validation set, image decisions, budgets, pipeline.core.expert_selection), once at
 each frame budget of `frame_budgets_ms` (the first is the default; each later one reuses the fits of the
-earlier ones, which are deterministic). The candidates each choice kept (by default; `judge` "fitted":
+earlier ones, which are deterministic); every candidate gets a row per frame budget with that budget's
+verdict (kept, over the per-frame budget, out of add time). The candidates each choice kept (by default; `judge` "fitted":
 every candidate it fitted; "all": every candidate), plus every requested expert outside the automatic
 pool at its first candidate spec, are then calibrated on the calibration split and run on the test set
 through the live path (frame-resolution maps, its image decision). Reported per (category,
@@ -165,20 +166,23 @@ def benchmark_category(
                    backbones.for_spec(spec.backbone))
         return expert, time.perf_counter() - t0
 
+    # Every budget's verdict on every candidate gets a row; a candidate is run on test at most once.
     by_candidate: dict[Candidate, BenchmarkRow] = {}
-    if selections:
-        default = selections[0][1]
-        for result in default.results:
+    for budget_ms, selection in selections:
+        for result in selection.results:
             candidate = result.candidate
-            if candidate in cache and judge != "chosen":
+            if candidate not in by_candidate and candidate in cache and judge != "chosen":
                 done = cache[candidate]
-                by_candidate[candidate] = emit(judged(done.expert, result.spec, done.judgement.decision, result,
-                                                      done.wall_seconds, result.status))
-            elif result.status != "failed" and candidate not in cache and judge == "all":
+                by_candidate[candidate] = judged(done.expert, result.spec, done.judgement.decision, result,
+                                                 done.wall_seconds, result.status)
+            elif candidate not in by_candidate and result.status != "failed" and candidate not in cache \
+                    and judge == "all":
                 expert, seconds = fit_here(result.expert, result.spec, orientations=result.orientations)
-                by_candidate[candidate] = emit(judged(expert, result.spec, ImageDecision(), result, seconds, result.status))
+                by_candidate[candidate] = judged(expert, result.spec, ImageDecision(), result, seconds, result.status)
+            if candidate in by_candidate:
+                emit(replace(by_candidate[candidate], status=result.status, frame_budget_ms=budget_ms))
             elif result.status != "failed":
-                emit(_untested(category, result, len(fit), len(test.frames)))
+                emit(replace(_untested(category, result, len(fit), len(test.frames)), frame_budget_ms=budget_ms))
     for name in (e for e in experts if e not in AUTO_EXPERTS):
         spec = candidate_specs(name, fit)[0]
         expert, fit_seconds = fit_here(name, spec)
@@ -200,9 +204,10 @@ def benchmark_category(
 
 def _with_spearman(rows: list[BenchmarkRow]) -> list[BenchmarkRow]:
     """Every row of the category with the rank correlation of validation score and test AUROC over the
-    fitted automatic candidates (NaN with fewer than three)."""
-    fitted = [r for r in rows if not r.expert.startswith("auto") and not math.isnan(r.validation_score)
-              and not math.isnan(r.image_auroc)]
+    fitted automatic candidates, each counted once whatever the budgets that judged it (NaN with fewer
+    than three)."""
+    fitted = list({(r.expert, r.spec): r for r in rows if not r.expert.startswith("auto")
+                   and not math.isnan(r.validation_score) and not math.isnan(r.image_auroc)}.values())
     rho = float(spearmanr([r.validation_score for r in fitted], [r.image_auroc for r in fitted]).statistic) \
         if len(fitted) >= 3 else math.nan
     return [replace(r, validation_test_spearman=rho) for r in rows]
@@ -294,9 +299,9 @@ def _cell(value: float, digits: int = 4) -> str:
 
 def markdown_table(rows: Sequence[BenchmarkRow]) -> str:
     lines = [
-        "| category | expert | input spec | image decision | choice | fit s | ms/frame (est.) | state MB | val score "
+        "| category | expert | input spec | image decision | budget ms | choice | fit s | ms/frame (est.) | state MB | val score "
         "| image AUROC | pixel AUROC | AUPRO | pixel AP | recall @thr | FAR @thr | recall @1% FAR | FAR normals |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         name = f"**{r.expert} → {r.chosen_expert}**" if r.expert.startswith("auto") else r.expert
@@ -305,7 +310,8 @@ def markdown_table(rows: Sequence[BenchmarkRow]) -> str:
                  _cell(r.validation_score), _cell(r.image_auroc), _cell(r.pixel_auroc), _cell(r.aupro), _cell(r.pixel_ap),
                  _cell(r.recall_at_threshold, 3), _cell(r.far_at_threshold, 3), _cell(r.recall_at_1pct_far, 3),
                  str(r.num_far_normals)]
-        lines.append(f"| {r.category} | {name} | {r.spec} | {r.decision or 'n/a'} | {r.status} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.category} | {name} | {r.spec} | {r.decision or 'n/a'} | {r.frame_budget_ms:g} | {r.status} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines + _defect_lines(rows) + _notes(rows))
 
 
