@@ -1,228 +1,300 @@
-"""Prepare the GPU check's folder (default `.gpu-check/`, git-ignored) here, on CPU, with the pipeline itself.
+"""Prepare the GPU check's folder (default `.gpu-check/`, git-ignored) and its wheels (`.gpu-wheels/`) here.
 
-Everything `deploy/gpu/check.py` needs on the device machine, which has torch, timm, torchvision and
-safetensors but not pydantic, faiss, kafka-python or redis, and no network, so it cannot run `pipeline`:
+The device machine has torch, timm, torchvision, safetensors, numpy, scipy and Pillow, but not pydantic,
+faiss, kafka-python, redis, the weight packages or a network. What `deploy/gpu/check.py` needs to run the
+project's own `Inspector` there is written here, on CPU, with the pipeline itself:
 
-- `vit_s14_dinov2_224.safetensors`: the routing ViT's weights (`ViTBackbone.pretrained()`'s timm state dict
-  at 224 px, position embedding already resampled as the pipeline does), blocks 0..KEY_LAYER only (routing
-  never runs the others; saves 14 MB), fp16;
-- `efficientnet_lite0.safetensors`: `Backbone.pretrained().net`'s state dict (features_only, stages 1-4), fp16;
-- `patchcore_bank.safetensors` + `patchcore_spec.json`: a PatchCore memory bank fitted the pipeline's way
-  (`pipeline.experts.frames.fit_batches`, `PatchCore.fit`, default config) on `--images` normal ball_screw
-  train images at the first candidate spec the automatic choice would try for them
-  (`pipeline.core.expert_selection.candidate_specs`: EfficientNet-Lite0, letterbox, short side 224, the
-  frames' aspect -> 224 x 544);
-- `task_keys.safetensors`: keys of 2 real tasks (ball_screw, magnetic_tile: `routing_tokens` + `select_keys`
-  on their train images) and `--synthetic` more (a real task's keys + seeded Gaussian noise), with bounds
-  (unknown slack x the largest distance of held-out train images to their own keys);
-- `frames/*.jpg`: `--frames` real test images of both datasets (good and defective), stretched to
-  1080 x 1080 and encoded with PIL at quality 90;
-- `manifest.json`: what is where, and the pipeline's own outputs for those frames (CPU, fp32, PIL decode
-  and resize, faiss search), which the check compares the device's results with.
+- `weights/`: the backbones' weights as fp16 safetensors plus `weights.json` with their SHA-256
+  (`pipeline.features.backbone.write_folder`; read with `Backbones.from_folder`): EfficientNet-Lite0 (the
+  CNN the tasks' specs name) and the DINOv2 ViT's blocks 0..KEY_LAYER, all that routing runs;
+- `store/`: a dump of a real KnowledgeStore (`KnowledgeStore.dump`; read with `DumpedStore`): a Redis
+  started here on a free port holds the tasks, and the dump is its manifest and blobs byte for byte.
+  Tasks: ball_screw and magnetic_tile trained by `train_task` on `--images` train images each (expert
+  PatchCore at the automatic choice's first candidate spec, calibrated, audit set and all), and
+  `--synthetic` more (a real task's artifacts with its keys moved by seeded noise);
+- `frames/*.jpg`: `--frames` test images of both datasets (good and defective), scaled so the longer
+  side is `--frame-side` (aspect kept), JPEG quality `--quality`;
+- `manifest.json`: what is where, the model config, and the reference outputs of `Inspector.inspect` on
+  those frames here (CPU, fp32, the pipeline's PIL decode): with the folder's weights over the dump (what
+  the check must reproduce) and with the registry's weights over the live Redis store (the fp16 effect).
 
-Run: `.venv/bin/python deploy/gpu/prepare.py` (under a minute on two cores; the folder is about 37 MiB).
+The wheels are pydantic and its dependencies for CPython 3.12 on x86-64 (the device README's recipe).
+Finally it prints what a device call would carry: the repo's tracked and untracked-not-ignored files,
+the prepared folder and the wheels, which must stay under 64 MiB.
+
+Run: `.venv/bin/python deploy/gpu/prepare.py` (about a minute and a half on two cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import io
 import json
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gpu_models  # noqa: E402  (deploy/gpu: the check's own model code)
-from safetensors.torch import save_file  # noqa: E402
+from pipeline.core.inspector import Inspection, Inspector  # noqa: E402
+from pipeline.core.store import DumpedStore, KnowledgeStore  # noqa: E402
+from pipeline.features.backbone import KEY_LAYER, Backbones, write_folder  # noqa: E402
+from pipeline.features.imaging import decode_image  # noqa: E402
+from schemas.config import InferenceConfig, ModelConfig, TrainingConfig  # noqa: E402
 
-VIT_FILE = "vit_s14_dinov2_224.safetensors"
-CNN_FILE = "efficientnet_lite0.safetensors"
-BANK_FILE = "patchcore_bank.safetensors"
-SPEC_FILE = "patchcore_spec.json"
-KEYS_FILE = "task_keys.safetensors"
-MANIFEST = "manifest.json"
 REAL_TASKS = ("ball_screw", "magnetic_tile")
-PATCHCORE_TASK = "ball_screw"
-MAX_FOLDER_BYTES = 60 * 2**20
+EXPERT = "patchcore"
+FALSE_ALARM_RATE = 0.01  # AddCategory's default
+INSPECTOR_BATCH = 16  # Inspector's default, as the workers build it
+REFERENCE_BATCH = 8  # frames per inspect() call for the reference outputs (the worker's max_batch_size)
+WHEELS = {"pydantic": "pydantic", "pydantic-core": "pydantic_core", "annotated-types": "annotated_types",
+          "typing-extensions": "typing_extensions", "typing-inspection": "typing_inspection"}
+WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                   "manylinux1_x86_64")
+MAX_TRAVEL_BYTES = 64 * 2**20  # the device tool's limit on what one call carries
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+def inspection_record(inspection: Inspection) -> dict:
+    """One frame's outputs as stored and compared (the map as its maximum, mean and 99th percentile)."""
+    match, score_map = inspection.match, inspection.score_map
+    return {"category": match.category, "nearest": match.nearest, "distance": float(match.distance),
+            "margin": float(match.margin), "expert": inspection.expert, "score_raw": inspection.score_raw,
+            "score": inspection.score, "threshold": inspection.threshold, "is_defective": inspection.is_defective,
+            "task_version": inspection.task_version,
+            "map_max": None if score_map is None else float(score_map.max()),
+            "map_mean": None if score_map is None else float(score_map.mean()),
+            "map_p99": None if score_map is None else float(np.percentile(score_map, 99))}
 
 
-def _sample(paths: list[Path], count: int, seed: int) -> list[Path]:
-    if count >= len(paths):
-        return list(paths)
-    chosen = np.random.default_rng(seed).choice(len(paths), size=count, replace=False)
-    return [paths[i] for i in sorted(chosen)]
+def inspect_all(inspector: Inspector, frames: list[np.ndarray], batch: int) -> list[dict]:
+    records = []
+    for start in range(0, len(frames), batch):
+        results, _ = inspector.inspect(frames[start:start + batch])
+        records += [inspection_record(r) for r in results]
+    return records
 
 
-def _fp16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.half() if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
+@contextlib.contextmanager
+def redis_server():
+    """A throw-away redis-server on a free port (no persistence), stopped on exit; yields its URL."""
+    import redis
+
+    from tools.processes import free_ports
+
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise SystemExit("redis-server is not on PATH: the store dump is written from a real Redis")
+    port = free_ports(1)[0]
+    with tempfile.TemporaryDirectory() as home:
+        process = subprocess.Popen([executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", home, "--save", "",
+                                    "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"redis-server on port {port} did not start")
+                    time.sleep(0.05)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
-def _test_images(dataset: Path) -> list[tuple[str, Path]]:
-    """(label, path) of every test image, labels sorted with 'good' first."""
-    labels = sorted((d.name for d in (dataset / "test").iterdir() if d.is_dir()), key=lambda n: (n != "good", n))
-    from pipeline.data.datasets import list_images
-
-    return [(label, path) for label in labels for path in list_images(dataset / "test" / label)]
-
-
-def prepare(out: Path, datasets: Path, images: int, frames: int, synthetic: int, noise: float, frame_side: int,
-            quality: int, seed: int, batch_size: int) -> dict:
+def train_tasks(datasets: Path, backbones: Backbones, model: ModelConfig, images: int, synthetic: int,
+                noise: float, seed: int) -> list:
+    """The real tasks trained as adding them does (one candidate: the automatic choice's first), then the
+    synthetic ones (a real task with its keys moved by `noise` x their spread, seeded)."""
     from pipeline.core.expert_selection import candidate_specs
-    from pipeline.core.task_id import KeyTaskIdentifier, select_keys
-    from pipeline.core.training import routing_tokens
-    from pipeline.data.datasets import list_images
-    from pipeline.experts.frames import fit_batches, run_on_frames
-    from pipeline.experts.patchcore import PatchCore, PatchCoreConfig
-    from pipeline.features.backbone import KEY_LAYER, PATCH_STAGES, Backbones
-    from pipeline.features.imaging import decode_image
-    from schemas.config import ModelConfig
+    from pipeline.core.training import load_task_images, train_task
 
-    if KEY_LAYER != gpu_models.KEY_LAYER or PATCH_STAGES != gpu_models.PATCH_STAGES:
-        raise SystemExit(f"deploy/gpu/gpu_models.py is out of date: pipeline KEY_LAYER {KEY_LAYER}, PATCH_STAGES "
-                         f"{PATCH_STAGES}; gpu_models has {gpu_models.KEY_LAYER}, {gpu_models.PATCH_STAGES}")
+    training = TrainingConfig()
+    tasks = []
+    for category in REAL_TASKS:
+        started = time.perf_counter()
+        train_dir = datasets / category / "train" / "good"
+        fit = load_task_images(train_dir, training, model.seed, images).frames["fit"]
+        spec = candidate_specs(EXPERT, fit)[0]
+        tasks.append(train_task(category, train_dir, EXPERT, backbones, model, training, FALSE_ALARM_RATE,
+                                max_train_images=images, spec=spec))
+        print(f"  {category}: {EXPERT} at {spec.describe()}, threshold {tasks[-1].calibration.threshold:.3f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    rng = np.random.default_rng(seed)
+    for index in range(synthetic):
+        source = tasks[index % len(REAL_TASKS)]
+        spread = source.keys.std(axis=0, keepdims=True)
+        keys = (source.keys + noise * spread * rng.standard_normal(source.keys.shape)).astype(np.float32)
+        name = f"synthetic_{index:02d}_{source.category}"
+        tasks.append(dataclasses.replace(source, category=name, keys=keys,
+                                         meta={**source.meta, "synthetic": {"source": source.category, "noise": noise,
+                                                                            "seed": seed}}))
+    return tasks
+
+
+def write_frames(datasets: Path, out: Path, count: int, side: int, quality: int, seed: int) -> list[dict]:
+    """Test images of both datasets (about half each, good and defective), longer side scaled to `side`."""
+    from PIL import Image
+
+    from pipeline.data.datasets import labeled_test_images
+
+    rows = []
+    for category, share in zip(REAL_TASKS, (count - count // 2, count // 2)):
+        items = labeled_test_images(datasets, category)
+        chosen = np.random.default_rng(seed).choice(len(items), size=min(share, len(items)), replace=False)
+        for item in (items[i] for i in sorted(chosen)):
+            with Image.open(item.path) as image:
+                rgb = image.convert("RGB")
+            scale = side / max(rgb.size)
+            rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.BILINEAR)
+            buffer = io.BytesIO()
+            rgb.save(buffer, format="JPEG", quality=quality)
+            label = item.defect
+            name = f"frames/frame_{len(rows):02d}_{category}_{label}.jpg"
+            (out / name).write_bytes(buffer.getvalue())
+            rows.append({"file": name, "task": category, "label": label, "size": [rgb.height, rgb.width],
+                         "source": str(Path(item.path).relative_to(datasets))})
+    return rows
+
+
+def download_wheels(folder: Path) -> list[Path]:
+    """pydantic and its dependencies at this environment's versions, as CPython 3.12 x86-64 wheels
+    (pip download; kept when the folder already holds exactly them)."""
+    from importlib.metadata import version
+
+    pins = [f"{name}=={version(name)}" for name in WHEELS]
+    wanted = {f"{module}-{version(name)}-" for name, module in WHEELS.items()}
+    have = sorted(folder.glob("*.whl")) if folder.is_dir() else []
+    if len(have) == len(wanted) and all(any(p.name.startswith(w) for p in have) for w in wanted):
+        return have
+    if folder.exists():
+        shutil.rmtree(folder)
+    pip = [sys.executable, "-m", "pip"]
+    if subprocess.run([*pip, "--version"], capture_output=True).returncode != 0:
+        pip = [shutil.which("python3") or "python3", "-m", "pip"]
+    platforms = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
+    subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+                    "--implementation", "cp", *platforms, "-d", str(folder), *pins], check=True)
+    return sorted(folder.glob("*.whl"))
+
+
+def travelling_bytes(carried: list[Path]) -> dict[str, int]:
+    """What a device call sends: the repo's tracked and untracked-not-ignored files, and `carried`."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    sizes = {"repo": sum((ROOT / name).stat().st_size for name in listed if name and (ROOT / name).is_file())}
+    for folder in carried:
+        sizes[folder.name] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def prepare(out: Path, datasets: Path, wheels: Path | None, images: int, frames: int, synthetic: int, noise: float,
+            frame_side: int, quality: int, seed: int) -> dict:
     started = time.perf_counter()
+
+    def done(what: str) -> None:
+        print(f"{what} ({time.perf_counter() - started:.0f} s)", flush=True)
+
     model = ModelConfig()
     if out.exists():
         shutil.rmtree(out)
     (out / "frames").mkdir(parents=True)
     backbones = Backbones.pretrained("cpu")
-    vit, cnn = backbones.vit, backbones.default
-    print(f"models loaded ({time.perf_counter() - started:.0f} s)", flush=True)
+    done("registry weights loaded")
+    tasks = train_tasks(datasets, backbones, model, images, synthetic, noise, seed)
+    done(f"{len(tasks)} tasks")
+    write_folder(out / "weights", backbones, {task.input_spec.backbone for task in tasks}, KEY_LAYER + 1)
+    rows = write_frames(datasets, out, frames, frame_side, quality, seed)
+    decoded = [decode_image((out / row["file"]).read_bytes(), InferenceConfig().max_frame_pixels) for row in rows]
+    done(f"weights and {len(rows)} frames written")
 
-    # --- weights
-    vit_state = gpu_models.truncate_vit_state(vit.net.state_dict(), KEY_LAYER)
-    save_file(_fp16(vit_state), str(out / VIT_FILE),
-              metadata={"timm": gpu_models.VIT_TIMM, "image_size": str(vit.image_size), "blocks": str(KEY_LAYER + 1)})
-    save_file(_fp16(cnn.net.state_dict()), str(out / CNN_FILE),
-              metadata={"timm": gpu_models.CNN_TIMM, "out_indices": ",".join(map(str, cnn.stage_ids))})
+    with redis_server() as url:
+        store = KnowledgeStore.from_url(url)
+        for task in tasks:
+            store.publish(task)
+        dump = store.dump(out / "store")
+        live = Inspector(backbones, model, INSPECTOR_BATCH)
+        live.sync(store)
+        registry_reference = inspect_all(live, decoded, REFERENCE_BATCH)
+    done(f"store dumped (version {dump['version']}, {len(dump['blobs'])} blobs, "
+         f"{sum(dump['blobs'].values()) / 2**20:.1f} MiB); registry-weights reference")
 
-    # --- tasks: keys from fit images, bounds from held-out ones
-    holdout = max(2, images // 5)
-    train: dict[str, tuple[list[Path], list[Path]]] = {}
-    for task in REAL_TASKS:
-        chosen = _sample(list_images(datasets / task / "train" / "good"), images + holdout, seed)
-        train[task] = (chosen[:images], chosen[images:])
-    keys: dict[str, np.ndarray] = {}
-    bounds: dict[str, float] = {}
-    fit_frames: dict[str, list[np.ndarray]] = {}
-    for task, (fit_paths, held_paths) in train.items():
-        fit_frames[task] = [_read_rgb(p) for p in fit_paths]
-        keys[task] = select_keys(routing_tokens(backbones, fit_frames[task], model, batch_size), model.num_keys, model.seed)
-        identifier = KeyTaskIdentifier({task: keys[task]}, {task: float("inf")})
-        held = routing_tokens(backbones, [_read_rgb(p) for p in held_paths], model, batch_size)
-        bounds[task] = float(model.unknown_slack * identifier.distances(held)[:, 0].max())
-    rng = np.random.default_rng(seed)
-    synthetic_info = {}
-    for index in range(synthetic):
-        source = REAL_TASKS[index % len(REAL_TASKS)]
-        name = f"synthetic_{index:02d}_{source}"
-        spread = keys[source].std(axis=0, keepdims=True)
-        keys[name] = (keys[source] + noise * spread * rng.standard_normal(keys[source].shape)).astype(np.float32)
-        bounds[name] = bounds[source]
-        synthetic_info[name] = {"source": source, "noise": noise}
-    names = sorted(keys)
-    save_file({"keys": torch.from_numpy(np.stack([keys[n] for n in names])).contiguous(),
-               "bounds": torch.tensor([bounds[n] for n in names], dtype=torch.float32)},
-              str(out / KEYS_FILE), metadata={"tasks": json.dumps(names)})
-    print(f"task keys ({time.perf_counter() - started:.0f} s)", flush=True)
+    # What the check must reproduce: the folder's weights over the dump, as the device loads them.
+    inspector = Inspector(Backbones.from_folder(out / "weights"), model, INSPECTOR_BATCH)
+    inspector.sync(DumpedStore(out / "store"))
+    reference = inspect_all(inspector, decoded, REFERENCE_BATCH)
+    done("folder-weights reference")
 
-    # --- PatchCore on ball_screw at the automatic choice's first candidate spec
-    spec = candidate_specs("patchcore", fit_frames[PATCHCORE_TASK])[0]
-    config = PatchCoreConfig(coreset_ratio=model.coreset_ratio, projection_dim=model.coreset_projection_dim,
-                             max_coreset_size=model.max_coreset_size, num_neighbors=model.num_neighbors,
-                             map_sigma=model.map_sigma, seed=model.seed)
-    expert = PatchCore(config)
-    expert.fit(fit_batches(fit_frames[PATCHCORE_TASK], spec, backbones, batch_size))
-    bank = np.ascontiguousarray(expert.bank, dtype=np.float32)
-    save_file({"bank": torch.from_numpy(bank)}, str(out / BANK_FILE))
-    spec_json = {"task": PATCHCORE_TASK, "spec": spec.model_dump(), "config": dict(config.__dict__),
-                 "patch_stages": list(PATCH_STAGES), "bank_size": int(bank.shape[0]), "dim": int(bank.shape[1])}
-    (out / SPEC_FILE).write_text(json.dumps(spec_json, indent=2) + "\n")
-    print(f"PatchCore bank {bank.shape} at {spec.describe()} ({time.perf_counter() - started:.0f} s)", flush=True)
+    import timm
+    import torch
 
-    # --- frames: real test images (good and defective) of both datasets, 1080 x 1080 JPEG
-    frame_rows, decoded = [], []
-    per_task = [frames - frames // 2, frames // 2]
-    for task, count in zip(REAL_TASKS, per_task):
-        for label, path in _sample(_test_images(datasets / task), count, seed + 1):
-            with Image.open(path) as image:
-                square = image.convert("RGB").resize((frame_side, frame_side), Image.Resampling.BILINEAR)
-            buffer = io.BytesIO()
-            square.save(buffer, format="JPEG", quality=quality)
-            name = f"frame_{len(frame_rows):02d}_{task}_{label}.jpg"
-            (out / "frames" / name).write_bytes(buffer.getvalue())
-            decoded.append(decode_image(buffer.getvalue(), max_pixels=frame_side * frame_side))
-            frame_rows.append({"file": f"frames/{name}", "task": task, "label": label,
-                               "source": str(path.relative_to(datasets))})
-
-    # --- the pipeline's own outputs for those frames (what the check compares with)
-    identifier = KeyTaskIdentifier(keys, bounds, candidates=len(names))
-    distances = identifier.distances(routing_tokens(backbones, decoded, model, batch_size))
-    outputs = run_on_frames(expert, spec, backbones, decoded, batch_size)
-    map_max = [float(m.max()) for m in outputs.maps]
     manifest = {
-        "format": 1,
+        "format": 2,
         "created_by": "deploy/gpu/prepare.py",
-        "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__, "python": sys.version.split()[0]},
-        "vit": {"file": VIT_FILE, "timm": gpu_models.VIT_TIMM, "image_size": vit.image_size,
-                "blocks": KEY_LAYER + 1, "key_layer": KEY_LAYER, "dtype": "float16"},
-        "cnn": {"file": CNN_FILE, "timm": gpu_models.CNN_TIMM, "out_indices": list(cnn.stage_ids), "dtype": "float16"},
-        "patchcore": {"bank_file": BANK_FILE, "spec_file": SPEC_FILE, **spec_json,
-                      "fit_images": [str(p.relative_to(datasets)) for p in train[PATCHCORE_TASK][0]]},
-        "routing": {"keys_file": KEYS_FILE, "tasks": names, "bounds": bounds, "real": list(REAL_TASKS),
-                    "synthetic": synthetic_info, "num_keys": model.num_keys, "unknown_slack": model.unknown_slack,
-                    "image_size": model.image_size,
-                    "key_images": {t: [str(p.relative_to(datasets)) for p in train[t][0]] for t in REAL_TASKS},
-                    "bound_images": {t: [str(p.relative_to(datasets)) for p in train[t][1]] for t in REAL_TASKS}},
-        "frames": frame_rows,
-        "map_scale": max(map_max),  # quantisation of the maps to 8 bits (the live PNG's max_score)
-        "reference": {
-            "what": "the pipeline on CPU in fp32: PIL decode and resizes, faiss search (run_on_frames, KeyTaskIdentifier)",
-            "routing_distances": distances.tolist(),
-            "scores": [float(s) for s in outputs.scores],
-            "map_max": map_max,
-        },
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__},
+        "weights": "weights", "store": "store", "model": model.model_dump(mode="json"),
+        "inspector_batch": INSPECTOR_BATCH, "reference_batch": REFERENCE_BATCH,
+        "tasks": {task.category: {"expert": task.expert_name, "spec": task.input_spec.describe(),
+                                  "synthetic": "synthetic" in task.meta,
+                                  "fit_images": task.meta.get("num_fit_images")} for task in tasks},
+        "frames": rows,
+        "reference": {"what": "Inspector.inspect on CPU, fp32, decode_image: folder weights over the store dump",
+                      "outputs": reference},
+        "registry_reference": {"what": "the same with the registry packages' weights over the live Redis store",
+                               "outputs": registry_reference},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote {out} ({total / 2**20:.1f} MiB, {len(frame_rows)} frames, {len(names)} tasks) "
-          f"in {time.perf_counter() - started:.1f} s", flush=True)
-    if total > MAX_FOLDER_BYTES:
-        raise SystemExit(f"{out} is {total / 2**20:.1f} MiB, over {MAX_FOLDER_BYTES / 2**20:.0f} MiB")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in sorted(out.iterdir()) if p.is_dir()}
+    done(f"wrote {out}: " + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sizes.items()))
+    carried = [out]
+    if wheels is not None:
+        found = download_wheels(wheels)
+        carried.append(wheels)
+        done(f"{len(found)} wheels in {wheels}: " + ", ".join(p.name for p in found))
+    travel = travelling_bytes(carried)
+    print("a device call carries " + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in travel.items())
+          + f" (limit {MAX_TRAVEL_BYTES / 2**20:.0f} MiB)", flush=True)
+    if travel["total"] >= MAX_TRAVEL_BYTES:
+        raise SystemExit(f"{travel['total'] / 2**20:.1f} MiB would travel, over the device tool's 64 MiB")
     return manifest
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".gpu-check")
+    parser.add_argument("--wheels", type=Path, default=ROOT / ".gpu-wheels", help="where the pydantic wheels go")
+    parser.add_argument("--no-wheels", action="store_true", help="skip the wheels (tests: no network needed)")
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
-    parser.add_argument("--images", type=int, default=20, help="normal train images per task (bank, keys)")
-    parser.add_argument("--frames", type=int, default=16, help="test frames, half from each dataset")
+    parser.add_argument("--images", type=int, default=20, help="train images per real task (all roles)")
+    parser.add_argument("--frames", type=int, default=16, help="test frames, about half from each dataset")
     parser.add_argument("--synthetic", type=int, default=8, help="synthetic tasks beside the 2 real ones")
     parser.add_argument("--noise", type=float, default=0.5, help="synthetic keys: noise in units of the keys' std")
-    parser.add_argument("--frame-side", type=int, default=1080)
+    parser.add_argument("--frame-side", type=int, default=1080, help="frames' longer side, px")
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    if args.images < 2 or args.frames < 1:
-        parser.error("--images must be >= 2 and --frames >= 1")
-    prepare(args.out.resolve(), args.datasets.resolve(), args.images, args.frames, args.synthetic, args.noise,
-            args.frame_side, args.quality, args.seed, args.batch_size)
+    if args.images < 4 or args.frames < 1:
+        parser.error("--images must be >= 4 (a task's minimum) and --frames >= 1")
+    prepare(args.out.resolve(), args.datasets.resolve(), None if args.no_wheels else args.wheels.resolve(), args.images,
+            args.frames, args.synthetic, args.noise, args.frame_side, args.quality, args.seed)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Pretrained weights that exist offline only inside registry packages, located and checksum-verified.
 
 Nothing here downloads. A missing package or a file whose SHA-256 differs is an error that says which
-package to install; a model is never silently left with random weights.
+package to install; a model is never silently left with random weights. A machine without those packages
+(the GPU check's, deploy/gpu) loads the same weights from a folder of safetensors whose checksums a
+manifest names (WeightsFolder, write_weights).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,4 +89,77 @@ def verified_path(asset: WeightAsset) -> Path:
             f"{asset.name}: checksum mismatch for {path}: expected {asset.sha256}, got {actual}. "
             f"Reinstall {asset.package!r}; refusing to load unverified weights."
         )
+    return path
+
+
+# ------------------------------------------------------------------------------------------ weights folder
+# A folder of safetensors files (fp16 by default) plus `weights.json`, which names each file's SHA-256: the
+# one way to load the backbones without the registry packages (Backbones.from_folder; deploy/gpu/prepare.py
+# writes one). Each file is verified against the manifest before it is read; a name the folder lacks is an
+# AssetError, never random weights.
+WEIGHTS_MANIFEST = "weights.json"
+
+
+class WeightsFolder:
+    """The weights named in `<path>/weights.json`, each loaded only after its checksum matched."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        manifest = self.path / WEIGHTS_MANIFEST
+        if not manifest.is_file():
+            raise AssetError(f"{manifest} is missing: not a weights folder (write one with write_weights)")
+        self.entries: dict[str, dict] = json.loads(manifest.read_text())["weights"]
+
+    def __repr__(self) -> str:
+        return f"WeightsFolder({str(self.path)!r}: {', '.join(sorted(self.entries))})"
+
+    def meta(self, name: str) -> dict:
+        """What `write_weights` was told about the network (timm name, blocks, image size ...)."""
+        return self._entry(name)["meta"]
+
+    def state_dict(self, name: str) -> dict:
+        """The named state dict in float32 (integer tensors as stored), after its SHA-256 matched."""
+        from safetensors.torch import load_file
+
+        entry = self._entry(name)
+        path = self.path / entry["file"]
+        if not path.is_file():
+            raise AssetError(f"{name}: {path} is missing from the weights folder")
+        actual = sha256_of(path)
+        if actual != entry["sha256"]:
+            raise AssetError(f"{name}: checksum mismatch for {path}: {WEIGHTS_MANIFEST} says {entry['sha256']}, "
+                             f"the file has {actual}; refusing to load unverified weights")
+        return {key: value.float() if value.is_floating_point() else value
+                for key, value in load_file(str(path)).items()}
+
+    def _entry(self, name: str) -> dict:
+        if name not in self.entries:
+            raise AssetError(f"{name}: not in the weights folder {self.path} (it holds {sorted(self.entries)})")
+        return self.entries[name]
+
+
+KEPT_FP32 = ("running_mean", "running_var")  # batch-norm statistics: fp16 loses most digits of small variances
+
+
+def write_weights(folder: Path, name: str, state: dict, meta: dict, dtype=None) -> Path:
+    """Add `state` (floating tensors cast to `dtype`, default float16, but for KEPT_FP32) to the weights
+    folder as `<name>.safetensors` and record its SHA-256 and `meta` in weights.json; returns the file."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = dtype or torch.float16
+
+    def stored(key: str, value: torch.Tensor) -> torch.Tensor:
+        cast = value.is_floating_point() and not key.endswith(KEPT_FP32)
+        return (value.to(dtype) if cast else value).contiguous()
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
+    save_file({key: stored(key, value) for key, value in state.items()}, str(path))
+    manifest = folder / WEIGHTS_MANIFEST
+    entries = json.loads(manifest.read_text())["weights"] if manifest.is_file() else {}
+    entries[name] = {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
+                     "dtype": str(dtype).removeprefix("torch."), "meta": meta}
+    manifest.write_text(json.dumps({"format": 1, "weights": entries}, indent=2, sort_keys=True) + "\n")
     return path

@@ -13,13 +13,23 @@ Redis keys, all under `<namespace>:`
     commands          hash: command id -> the store version it produced (never collected)
     oldest_version    the lowest version whose manifest garbage collection kept (absent: 1)
     updates           pub/sub channel announcing each new version
+
+`KnowledgeStore.dump(folder)` copies the current manifest and the blobs it references out of Redis byte
+for byte; `DumpedStore(folder)` reads such a copy with the same read interface inspection uses (manifest,
+verified blobs, tasks) and no Redis: how the GPU check (deploy/gpu) carries a store to a machine without one.
+
+    <folder>/dump.json         namespace, version, the manifest's SHA-256, every blob's size
+    <folder>/manifest          the bytes of `<namespace>:manifest`
+    <folder>/blobs/<sha256>    the bytes of `<namespace>:blob:<sha256>`
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.core.calibration import Calibration
@@ -30,6 +40,7 @@ if TYPE_CHECKING:
     import redis
 
 MGET_CHUNK = 500  # manifest keys per MGET when reading the retained versions
+DUMP_INDEX, DUMP_MANIFEST, DUMP_BLOBS = "dump.json", "manifest", "blobs"  # a dump's files (KnowledgeStore.dump)
 
 
 class StoreError(RuntimeError):
@@ -57,7 +68,33 @@ class StoreMemory:
         return self.limit_bytes is None or self.used_bytes + more_bytes <= fraction * self.limit_bytes
 
 
-class KnowledgeStore:
+class StoreReader:
+    """What inspection reads from a store (Inspector.sync / prepare): the version, the current manifest,
+    checksum-verified blobs and the tasks they make. Subclasses say where the bytes come from."""
+
+    def version(self) -> int:
+        raise NotImplementedError
+
+    def manifest(self) -> StoreManifest:
+        raise NotImplementedError
+
+    def _raw_blob(self, digest: str) -> bytes | None:
+        raise NotImplementedError
+
+    def blob(self, digest: str) -> bytes:
+        data = self._raw_blob(digest)
+        if data is None:
+            raise StoreError(f"blob {digest} is missing")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError(f"blob {digest} is corrupt (hash mismatch)")
+        return data
+
+    def load_task(self, entry: TaskEntry) -> TaskArtifacts:
+        blobs = {kind: self.blob(digest) for kind, digest in entry.blobs.items()}
+        return TaskArtifacts.from_blobs(entry.category, entry.expert, blobs)
+
+
+class KnowledgeStore(StoreReader):
     def __init__(self, client: redis.Redis, namespace: str = "kpk"):
         self.client = client
         self.namespace = namespace
@@ -117,17 +154,28 @@ class KnowledgeStore:
         oldest first; the current one last unless the category has since been removed."""
         return self._history(self._stored_manifests(self.client, self.version()), category)
 
-    def blob(self, digest: str) -> bytes:
-        data = self.client.get(self._blob_key(digest))
-        if data is None:
-            raise StoreError(f"blob {digest} is missing")
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise StoreError(f"blob {digest} is corrupt (hash mismatch)")
-        return data
+    def _raw_blob(self, digest: str) -> bytes | None:
+        return self.client.get(self._blob_key(digest))
 
-    def load_task(self, entry: TaskEntry) -> TaskArtifacts:
-        blobs = {kind: self.blob(digest) for kind, digest in entry.blobs.items()}
-        return TaskArtifacts.from_blobs(entry.category, entry.expert, blobs)
+    def dump(self, folder: Path) -> dict:
+        """Copy the current manifest and every blob it references into `folder` (see the module's
+        docstring), exactly the bytes Redis holds; returns what dump.json records. Blobs are read after the
+        manifest and verified: garbage collection keeps a superseded version's blobs for its grace period."""
+        raw = self.client.get(self._manifest_key)
+        if raw is None:
+            raise StoreError(f"nothing to dump: {self._manifest_key} is not set")
+        manifest = StoreManifest.model_validate_json(raw)
+        digests = sorted({d for entry in manifest.tasks.values() for d in entry.blobs.values()})
+        folder = Path(folder)
+        (folder / DUMP_BLOBS).mkdir(parents=True, exist_ok=True)
+        (folder / DUMP_MANIFEST).write_bytes(raw)
+        for digest in digests:
+            (folder / DUMP_BLOBS / digest).write_bytes(self.blob(digest))
+        index = {"format": 1, "namespace": self.namespace, "version": manifest.version,
+                 "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+                 "blobs": {d: (folder / DUMP_BLOBS / d).stat().st_size for d in digests}}
+        (folder / DUMP_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return index
 
     def memory(self) -> StoreMemory:
         """Redis' used memory and its `maxmemory` (None when unbounded)."""
@@ -372,3 +420,32 @@ class KnowledgeStore:
             if successor is None or successor.written_at() > cutoff:  # superseded within the grace period
                 return version
         return keep_from
+
+
+class DumpedStore(StoreReader):
+    """Read-only store over a folder `KnowledgeStore.dump` wrote: the manifest must match the SHA-256 its
+    index recorded, and every blob is verified against its digest when read. No Redis needed."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index_path = self.folder / DUMP_INDEX
+        if not index_path.is_file():
+            raise StoreError(f"{index_path} is missing: not a store dump (KnowledgeStore.dump writes one)")
+        self.index = json.loads(index_path.read_text())
+        raw = (self.folder / DUMP_MANIFEST).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != self.index["manifest_sha256"]:
+            raise StoreError(f"{self.folder / DUMP_MANIFEST} does not match the SHA-256 in {DUMP_INDEX}")
+        self._manifest = StoreManifest.model_validate_json(raw)
+        self.namespace = self.index["namespace"]
+
+    def version(self) -> int:
+        return self._manifest.version
+
+    def manifest(self) -> StoreManifest:
+        return self._manifest
+
+    def _raw_blob(self, digest: str) -> bytes | None:
+        if len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+            return None  # not a SHA-256: never a path
+        path = self.folder / DUMP_BLOBS / digest
+        return path.read_bytes() if path.is_file() else None

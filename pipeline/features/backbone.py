@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.common.assets import EFFICIENTNET_LITE0, EFFICIENTNET_LITE2, AssetError, WeightAsset, verified_path
+from pipeline.common.assets import (EFFICIENTNET_LITE0, EFFICIENTNET_LITE2, AssetError, WeightAsset, WeightsFolder,
+                                    verified_path, write_weights)
 from pipeline.features.imaging import resize_rgb
-from pipeline.features.vit import ViTBackbone
+from pipeline.features.vit import VIT_WEIGHTS, ViTBackbone
 from schemas.spec import InputSpec
 
 # Stage indices of timm's feature_info: 1 -> stride 4 (24 ch), 2 -> stride 8 (40 ch), 3 -> stride 16 (112 ch),
@@ -96,13 +98,18 @@ class Backbone(nn.Module):
 
     @classmethod
     def pretrained(cls, device: str | torch.device = "cpu", image_size: int = 224, cnn: str = DEFAULT_CNN,
-                   vit: ViTBackbone | None = None) -> "Backbone":
+                   vit: ViTBackbone | None = None, weights: WeightsFolder | None = None) -> "Backbone":
         """Both networks with verified pretrained weights. The ViT is built for the largest multiple of its
         patch size that fits `image_size` (224 -> a 16 x 16 token grid; it takes other sizes too); pass
-        `vit` to share one ViT between CNN variants."""
-        vit = vit or ViTBackbone.pretrained(image_size=VIT_PATCH * (image_size // VIT_PATCH))
+        `vit` to share one ViT between CNN variants. `weights`: read them from that folder (write_folder)
+        instead of the registry packages."""
+        if vit is None:
+            vit_size = VIT_PATCH * (image_size // VIT_PATCH)
+            vit = ViTBackbone.pretrained(image_size=vit_size) if weights is None else \
+                ViTBackbone.from_folder(weights, image_size=vit_size)
         model = cls(vit=vit, cnn=cnn)
-        model.net.load_state_dict(_timm_state_dict(model.net, cnn), strict=True)
+        state = _timm_state_dict(model.net, cnn) if weights is None else _folder_state_dict(weights, cnn)
+        model.net.load_state_dict(state, strict=True)
         return model.to(device)
 
     @property
@@ -153,14 +160,22 @@ class Backbones:
     """The frozen extractors by InputSpec backbone name, sharing one ViT; a CNN is loaded by `preload` or on
     first use. Loading may run on another thread than inference (a worker preloads beside its stream)."""
 
-    def __init__(self, default: Backbone):
+    def __init__(self, default: Backbone, weights: WeightsFolder | None = None):
         self.default = default
+        self.weights = weights  # where later CNNs load from; None: the registry packages
         self._by_cnn: dict[str, Backbone] = {default.cnn_name: default}
         self._loading = threading.Lock()  # one load per CNN, however many threads ask for it
 
     @classmethod
     def pretrained(cls, device: str | torch.device = "cpu") -> "Backbones":
         return cls(Backbone.pretrained(device))
+
+    @classmethod
+    def from_folder(cls, path: Path, device: str | torch.device = "cpu") -> "Backbones":
+        """The same networks with their weights read from a weights folder (write_folder), every file
+        checksum-verified; a CNN the folder lacks is an AssetError when a spec first needs it."""
+        weights = WeightsFolder(path)
+        return cls(Backbone.pretrained(device, weights=weights), weights)
 
     @property
     def vit(self) -> ViTBackbone | None:
@@ -186,7 +201,7 @@ class Backbones:
         with self._loading:
             if backbone_name not in self._by_cnn:
                 self._by_cnn[backbone_name] = Backbone.pretrained(self.default.device, cnn=backbone_name,
-                                                                  vit=self.default.vit)
+                                                                  vit=self.default.vit, weights=self.weights)
             return self._by_cnn[backbone_name]
 
     def loaded(self) -> set[str]:
@@ -267,3 +282,21 @@ def _timm_state_dict(features_net: nn.Module, cnn: str) -> dict[str, torch.Tenso
         mapped[timm_key] = src_value
     wanted = features_net.state_dict().keys()
     return {key: mapped[key] for key in wanted}
+
+
+def _folder_state_dict(weights: WeightsFolder, cnn: str) -> dict[str, torch.Tensor]:
+    timm_name = CNNS[cnn][0]
+    if weights.meta(cnn).get("timm") != timm_name:
+        raise AssetError(f"{weights.path}: {cnn} is {weights.meta(cnn).get('timm')!r}, expected {timm_name!r}")
+    return weights.state_dict(cnn)
+
+
+def write_folder(folder: Path, backbones: Backbones, cnns: Iterable[str], vit_blocks: int = KEY_LAYER + 1) -> None:
+    """The weights folder `Backbones.from_folder` reads: the named CNNs (features of every stage) and the
+    ViT's first `vit_blocks` blocks (routing needs KEY_LAYER + 1; ViT experts may read deeper ones), fp16."""
+    for cnn in sorted(set(cnns) & set(CNNS)):
+        backbone = backbones.for_spec(cnn)
+        write_weights(folder, cnn, backbone.net.state_dict(), {"timm": CNNS[cnn][0], "out_indices": list(backbone.stage_ids)})
+    if backbones.vit is None:
+        raise ValueError("these backbones have no ViT to write")
+    write_weights(folder, VIT_WEIGHTS, *backbones.vit.folder_weights(vit_blocks))

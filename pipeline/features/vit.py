@@ -26,13 +26,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from pipeline.common.assets import DINOV2_VIT_S14_ONNX, AssetError, sha256_of, verified_path
+from pipeline.common.assets import DINOV2_VIT_S14_ONNX, AssetError, WeightsFolder, sha256_of, verified_path
 from pipeline.common.local_files import cache_root, write_atomically
 
 log = logging.getLogger(__name__)
 
 _TIMM_NAME = "vit_small_patch14_dinov2"
 PATCH_SIZE = 14
+VIT_WEIGHTS = _TIMM_NAME  # its name in a weights folder (WeightsFolder)
 NATIVE_IMAGE_SIZE = 518  # HF Dinov2 position embeddings: 37 x 37 grid + CLS
 
 # HF tensors with no timm counterpart, skipped on purpose (anything else left over is an error).
@@ -242,18 +243,45 @@ class ViTBackbone(nn.Module):
     def pretrained(
         cls, image_size: int = 224, device: str | torch.device = "cpu", cache_dir: Path | None = None
     ) -> "ViTBackbone":
+        return cls._from_state(converted_state_dict(cache_dir), image_size, device)
+
+    @classmethod
+    def from_folder(cls, weights: WeightsFolder, image_size: int = 224, device: str | torch.device = "cpu") -> "ViTBackbone":
+        """The converted weights as `folder_weights` stored them in a weights folder (checksum-verified). Only
+        the blocks stored are built: asking for a deeper block's tokens is a ValueError."""
+        meta = weights.meta(VIT_WEIGHTS)
+        if meta.get("timm") != _TIMM_NAME:
+            raise AssetError(f"{weights.path}: {VIT_WEIGHTS} is {meta.get('timm')!r}, expected {_TIMM_NAME!r}")
+        return cls._from_state(weights.state_dict(VIT_WEIGHTS), image_size, device, int(meta["blocks"]))
+
+    @classmethod
+    def _from_state(cls, state: Mapping[str, torch.Tensor], image_size: int, device: str | torch.device,
+                    blocks: int | None = None) -> "ViTBackbone":
+        """timm model from a converted state dict (native 518 px position embedding); `blocks`: the first
+        blocks only (None: all of them)."""
         if image_size <= 0 or image_size % PATCH_SIZE:
             raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
-        state = dict(converted_state_dict(cache_dir))
+        state = dict(state)
         grid = image_size // PATCH_SIZE
         with torch.device("meta"):  # every tensor comes from the checkpoint: skip the random init
-            net = timm.create_model(_TIMM_NAME, pretrained=False, img_size=image_size)
+            net = timm.create_model(_TIMM_NAME, pretrained=False, img_size=image_size,
+                                    **({} if blocks is None else {"depth": blocks}))
         native_pos_embed = state["pos_embed"]
         state["pos_embed"] = _resample_pos_embed(native_pos_embed, (grid, grid))
         net.load_state_dict(state, strict=True, assign=True)
         if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
             raise AssetError("DINOv2: some tensors of the timm model were not loaded")
         return cls(net, native_pos_embed).to(device)
+
+    def folder_weights(self, blocks: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Its state dict (the native 518 px position embedding, as converted) cut to the first `blocks`
+        blocks, and the meta `from_folder` reads: what pipeline.common.assets.write_weights stores."""
+        if not 0 < blocks <= self.num_layers:
+            raise ValueError(f"blocks must be in [1, {self.num_layers}], got {blocks}")
+        state = {**self.net.state_dict(), "pos_embed": self.native_pos_embed}
+        kept = {key: value for key, value in state.items()
+                if not key.startswith("blocks.") or int(key.split(".")[1]) < blocks}
+        return kept, {"timm": _TIMM_NAME, "blocks": blocks}
 
     @classmethod
     def random_init(cls, image_size: int = 224, seed: int = 0) -> "ViTBackbone":
