@@ -10,7 +10,8 @@ cut-paste, so validating on those would favour it). Frames go through the live p
 The score is (2 x image AUROC + pixel AUROC) / 3: whether a part is defective comes first, where second.
 Each fitted candidate also gets its image decision (pipeline.core.decision: the expert's own score or
 one read from its map, position-aware for aligned products), chosen on the same validation frames, and
-is judged with it. Candidates are tried cheapest first; one whose expert stage costs more than the
+is judged with it. Candidates are tried expert by expert in the given order (AUTO_EXPERTS: strong and
+cheap to fit first), each expert's specs cheapest first; one whose expert stage costs more than the
 line's per-frame budget (`expert_budget_ms`) is not eligible, and once the add would pass its budget, no
 further candidate is tried. Both costs are estimated from the candidates' counted work and this machine's
 measured speed (pipeline.core.cost), never from wall time during the add, so the choice does not move
@@ -280,11 +281,14 @@ def choose(
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
     cache: FitCache | None = None,
 ) -> Selection:
-    """Fit and judge candidates, cheapest first; the best eligible one wins, ties to the cheaper.
+    """Fit and judge candidates, expert by expert; the best eligible one wins, ties to the one tried first.
 
     Costs are estimates from counted work at this machine's `speed`, never wall time. Each distinct
-    spec's backbone work is probed on two validation frames first, and candidates are tried in order of
-    its cost (stable: the given order on ties). The first is always fitted. A later one is not when its
+    spec's backbone work is probed on two validation frames first. Candidates are tried expert by expert
+    in the order the experts first appear in `candidates`, and each expert's cheapest spec first (fewer
+    orientations first on ties): every spec of a preferred expert is tried before a later expert's fit,
+    whose cost is only known once it has run (a trained expert's epochs), can spend the add budget. The
+    first is always fitted. A later one is not when its
     estimated expert stage is over the per-frame budget (the backbone probe times the expert's overhead on
     an earlier spec, when there is one), or when the work so far plus its estimated fit (the most seconds
     per fit view of the same expert so far, else of any, times its views) and validation would pass
@@ -296,8 +300,10 @@ def choose(
     probe_ms = {spec: 1000 * speed.seconds(_probe(spec, backbones, validation.normal, training.batch_size), spec.backbone)
                 for spec in specs}
     views = {spec: _views_per_frame(spec, fit_frames) * len(fit_frames) for spec in specs}
-    # cheapest per frame first; of equal cost, the one with fewer fit frames first
-    order = sorted(range(len(candidates)), key=lambda i: (probe_ms[candidates[i].spec], candidates[i].orientations))
+    # expert by expert (the given order), each expert's cheapest spec per frame first, fewer fit frames on ties
+    expert_rank = {name: rank for rank, name in enumerate(dict.fromkeys(c.expert for c in candidates))}
+    order = sorted(range(len(candidates)), key=lambda i: (expert_rank[candidates[i].expert], probe_ms[candidates[i].spec],
+                                                          candidates[i].orientations))
     results: list[CandidateResult | None] = [None] * len(candidates)
     fitted: list[Expert | None] = [None] * len(candidates)
     decisions: list[ImageDecision | None] = [None] * len(candidates)
@@ -392,7 +398,7 @@ def _views_per_frame(spec: InputSpec, frames: Sequence[np.ndarray]) -> int:
 
 def _select(results: list[CandidateResult], fitted: list[Expert | None], decisions: list[ImageDecision | None],
             order: list[int]) -> Selection:
-    rank = {index: step for step, index in enumerate(order)}  # ties go to the candidate tried first (cheaper)
+    rank = {index: step for step, index in enumerate(order)}  # ties go to the candidate tried first
     eligible = [i for i, r in enumerate(results) if r.status == "ok" and fitted[i] is not None]
     if eligible:
         best = max(eligible, key=lambda i: (results[i].score, -rank[i]))
