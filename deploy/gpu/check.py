@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.core.inspector import Inspector  # noqa: E402
 from pipeline.core.store import DumpedStore  # noqa: E402
-from pipeline.features import backbone as backbone_module  # noqa: E402
 from pipeline.features.backbone import Backbones  # noqa: E402
 from pipeline.features.imaging import decode_image  # noqa: E402
 from schemas.config import InferenceConfig, ModelConfig  # noqa: E402
@@ -89,21 +88,25 @@ class Decoder:
 
 
 @contextlib.contextmanager
-def precision(name: str, device: torch.device):
-    """bf16: the pipeline as it is (its Backbone autocasts to bf16 on cuda). fp32: that autocast replaced
-    by none and TF32 off, for this block only (the check's one reach into a private name)."""
+def precision(name: str, device: torch.device, backbones: Backbones):
+    """bf16: the pipeline as it is (its Backbone autocasts to bf16 on cuda). fp32: every loaded backbone's
+    autocast off (`Backbone.gpu_bf16`) and TF32 off, for this block only."""
     if name == "bf16":
         if device.type != "cuda":
             raise SystemExit("bf16 is the pipeline's cuda precision; on cpu it runs fp32 only")
         yield
         return
-    saved = backbone_module._autocast, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    backbone_module._autocast = lambda _device: contextlib.nullcontext()
+    loaded = [backbones.for_spec(name) for name in backbones.loaded()]
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    for backbone in loaded:
+        backbone.gpu_bf16 = False
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        backbone_module._autocast, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for backbone in loaded:
+            backbone.gpu_bf16 = True
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _sync(device: torch.device) -> None:
@@ -144,12 +147,12 @@ def agreement(inspector: Inspector, decoder: Decoder, precisions: list[str], man
     frames = pipeline_decoder(list(range(count)))
     passes: dict[str, dict] = {}
     for name in precisions:
-        with precision(name, device):
+        with precision(name, device, inspector.backbones):
             records = inspect_all(inspector, frames, batch)
         passes[name] = {"decode": "pipeline", **compare(records, reference), "outputs": records}
     if decoder.mode != "pipeline":
         timed = decoder(list(range(count)))
-        with precision(precisions[0], device):
+        with precision(precisions[0], device, inspector.backbones):
             records = inspect_all(inspector, timed, batch)
         pixel_diff = [np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in zip(timed, frames)]
         passes[f"{precisions[0]}, {decoder.mode}"] = {
@@ -181,7 +184,7 @@ def measure(inspector: Inspector, decoder: Decoder, count: int, batch: int, name
 
     stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
     totals: list[float] = []
-    with precision(name, device):
+    with precision(name, device, inspector.backbones):
         for _ in range(warmup):
             inspector.inspect(decoder(next_batch()))
         _sync(device)

@@ -93,6 +93,7 @@ class Backbone(nn.Module):
         self.net.to(memory_format=torch.channels_last)  # see _cnn_input
         self.__dict__["_inference_net"] = None  # net with folded batch norms, made on first use (not a submodule)
         self.vit = vit  # None: a CNN-only extractor (random-weight controls in tests); no task keys then
+        self.gpu_bf16 = True  # bf16 autocast on cuda (False: fp32 there too, for a precision comparison)
         self.requires_grad_(False)
         self.eval()
 
@@ -137,7 +138,7 @@ class Backbone(nn.Module):
         `vit_layers`: more unprompted ViT blocks computed in the same pass as the keys (no work twice)."""
         pixels = _to_device(pixels, self.device)
         layers = tuple(sorted(set(vit_layers) | ({KEY_LAYER} if keys else set())))
-        with _autocast(self.device):
+        with _autocast(self.device, self.gpu_bf16):
             stages = dict(zip(self.stage_ids, self.inference_net(_cnn_input((pixels - self.mean) / self.std)))) if cnn else {}
             tokens = self.vit.multi_layer_tokens(self.vit_pixels(pixels), layers) if layers and self.vit is not None else {}
         return FeatureBatch(pixels=pixels, stages=stages, tokens=tokens)
@@ -256,10 +257,10 @@ def _squeeze_on(image: np.ndarray, height: int, width: int, device: torch.device
     return F.interpolate(frame, size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, gpu_bf16: bool = True):
     """bf16 on GPUs (tensor cores; fp32 accumulation); fp32 on the CPU, where bf16 measured slower and
     would move scores against thresholds calibrated in fp32 (inspection perf, docs/speed.md)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and gpu_bf16 else nullcontext()
 
 
 def _cnn_input(pixels: torch.Tensor) -> torch.Tensor:
