@@ -22,12 +22,12 @@ def brick(tmp_path_factory: pytest.TempPathFactory):
     return root
 
 
-def _bench(root, experts, judge: str):
+def _bench(root, experts, judge: str, frame_budgets_ms=(1e5, 2e5)):
     training = TrainingConfig(max_train_images=16)
     model = ModelConfig(coreset_ratio=0.1, num_keys=8)
-    # The budgets are not what is tested here: both admit every candidate.
+    # Unless a test says otherwise, the budgets are not what is tested: both admit every candidate.
     return benchmark_category(root, "brick", experts, Backbones.pretrained(), model, training,
-                              frame_budgets_ms=(1e5, 2e5), judge=judge)
+                              frame_budgets_ms=frame_budgets_ms, judge=judge)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def rows(brick):
     return _bench(brick, ["patchcore", "fcdd"], "fitted")
 
 
-def test_by_default_only_the_kept_candidate_runs_on_test_and_the_others_keep_their_validation(brick) -> None:
+def test_judging_the_chosen_only_runs_the_kept_candidate_on_test_and_the_others_keep_their_validation(brick) -> None:
     rows = _bench(brick, ["fcdd"], "chosen")
     candidates = [r for r in rows if not r.expert.startswith("auto")]
     assert candidates and all(math.isnan(r.image_auroc) and not math.isnan(r.validation_score) for r in candidates)
@@ -89,3 +89,19 @@ def test_operating_point_uses_test_good_plus_unused_training_normals(rows) -> No
         assert row.ms_per_frame > 0 and row.state_bytes > 0 and not math.isnan(row.pixel_auroc)
     table = markdown_table(rows)
     assert "recall @1% FAR" in table and "**auto → " in table
+
+
+def test_a_candidate_fitted_only_at_the_larger_budget_keeps_its_validation_score(brick) -> None:
+    """At a budget no candidate's expert stage fits, only the first is fitted (adding never fails); the
+    larger budget fits the rest. Every tested row carries its fit's validation score, so the Spearman
+    ranks every fitted candidate, not only those the first budget fitted."""
+    rows = _bench(brick, ["patchcore", "fcdd"], "fitted", frame_budgets_ms=(1e-3, 1e5))
+    candidates = [r for r in rows if not r.expert.startswith("auto")]
+    assert {r.status for r in candidates if r.frame_budget_ms == 1e-3} >= {"over_budget"}
+    tested = {(r.expert, r.spec) for r in candidates if not math.isnan(r.image_auroc)}
+    assert len(tested) >= 3
+    assert all(not math.isnan(r.validation_score) for r in rows if not math.isnan(r.image_auroc))
+    [larger] = [r for r in rows if r.expert == "auto@100000ms"]
+    best = max((r for r in candidates if r.frame_budget_ms == 1e5), key=lambda r: r.validation_score)
+    assert (larger.chosen_expert, larger.spec, larger.validation_score) == (best.expert, best.spec, best.validation_score)
+    assert not math.isnan(rows[0].validation_test_spearman)

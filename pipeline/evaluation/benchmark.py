@@ -7,8 +7,8 @@ exactly as adding the task does (same seed, pipeline.core.training). The automat
 live (same candidates, validation set, image decisions, budgets, pipeline.core.expert_selection), once at
 each frame budget of `frame_budgets_ms` (the first is the default; each later one reuses the fits of the
 earlier ones, which are deterministic); every candidate gets a row per frame budget with that budget's
-verdict (kept, over the per-frame budget, out of add time). The candidates each choice kept (by default; `judge` "fitted":
-every candidate it fitted; "all": every candidate), plus every requested expert outside the automatic
+verdict (kept, over the per-frame budget, out of add time). Every candidate a choice fitted (by default; `judge`
+"chosen": only those the choices kept; "all": every candidate), plus every requested expert outside the automatic
 pool at its first candidate spec, are then calibrated on the calibration split and run on the test set
 through the live path (frame-resolution maps, its image decision). Reported per (category,
 expert, spec): fit time, ms per frame (measured on the test frames: views, backbone, expert, stitching),
@@ -111,14 +111,14 @@ def benchmark_category(
     training: TrainingConfig,
     on_row: Callable[[BenchmarkRow], None] = lambda row: None,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
-    judge: str = "chosen",
+    judge: str = "fitted",
     frame_budgets_ms: Sequence[float] | None = None,
     speed: MachineSpeed | None = None,
 ) -> list[BenchmarkRow]:
-    """`judge` (BENCH_JUDGE_MODES) says which candidates are run on the test set: "chosen", only those an
-    automatic choice kept (the others get a row with their verdict, validation score and estimated cost);
-    "fitted", every candidate a choice fitted (and the validation-test Spearman); "all", also those it
-    left unfitted (over the per-frame budget or out of time), fitted here.
+    """`judge` (BENCH_JUDGE_MODES) says which candidates are run on the test set: "fitted" (the default),
+    every candidate a choice fitted (and the validation-test Spearman); "chosen", only those an automatic
+    choice kept (the others get a row with their verdict, validation score and estimated cost: quicker);
+    "all", also those it left unfitted (over the per-frame budget or out of time), fitted here.
     `frame_budgets_ms` None: the training config's budget alone."""
     if judge not in BENCH_JUDGE_MODES:
         raise ValueError(f"judge must be one of {BENCH_JUDGE_MODES}, not {judge!r}")
@@ -166,15 +166,19 @@ def benchmark_category(
                    backbones.for_spec(spec.backbone))
         return expert, time.perf_counter() - t0
 
-    # Every budget's verdict on every candidate gets a row; a candidate is run on test at most once.
+    # Every budget's verdict on every candidate gets a row; a candidate is run on test at most once. A
+    # candidate one budget left unfitted may have been fitted at another: its row carries that fit's
+    # validation score whatever the verdict.
+    fitted_results = {result.candidate: result for _, selection in selections for result in selection.results
+                      if not math.isnan(result.score)}
     by_candidate: dict[Candidate, BenchmarkRow] = {}
     for budget_ms, selection in selections:
         for result in selection.results:
             candidate = result.candidate
             if candidate not in by_candidate and candidate in cache and judge != "chosen":
                 done = cache[candidate]
-                by_candidate[candidate] = judged(done.expert, result.spec, done.judgement.decision, result,
-                                                 done.wall_seconds, result.status)
+                by_candidate[candidate] = judged(done.expert, result.spec, done.judgement.decision,
+                                                 fitted_results.get(candidate, result), done.wall_seconds, result.status)
             elif candidate not in by_candidate and result.status != "failed" and candidate not in cache \
                     and judge == "all":
                 expert, seconds = fit_here(result.expert, result.spec, orientations=result.orientations)
