@@ -134,6 +134,7 @@ DEFAULT_FRAME_BUDGET_MS = 250.0  # the line's per-frame budget on this 2-core CP
 # Which candidates the offline benchmark runs on the test set: those an automatic choice kept, every one
 # it fitted, or every one (pipeline.evaluation.benchmark)
 BENCH_JUDGE_MODES = ("chosen", "fitted", "all")
+DEFAULT_BENCH_JUDGE = "fitted"  # every fitted candidate tested: the validation-test Spearman by default
 
 
 class TrainingConfig(_Config):

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from schemas.config import (
     BENCH_JUDGE_MODES,
+    DEFAULT_BENCH_JUDGE,
     ControlConfig,
     InferenceConfig,
     ModelConfig,
@@ -181,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="per-frame budgets the automatic choice runs at, the first as the `auto` row "
                        "(default: 250 and 2500, the default and a GPU-class budget)")
     add_config_options(bench, SEED_OPTIONS)
-    bench.add_argument("--judge", choices=BENCH_JUDGE_MODES, default="fitted", help="candidates run on the test set: "
+    bench.add_argument("--judge", choices=BENCH_JUDGE_MODES, default=DEFAULT_BENCH_JUDGE, help="candidates run on the test set: "
                        "every one the automatic choice fitted (default; gives the validation-test Spearman), only "
                        "those it kept (quicker), or all, the ones it left unfitted fitted here")
     bench.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")

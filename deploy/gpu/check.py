@@ -96,16 +96,17 @@ def precision(name: str, device: torch.device, backbones: Backbones):
             raise SystemExit("bf16 is the pipeline's cuda precision; on cpu it runs fp32 only")
         yield
         return
-    loaded = [backbones.for_spec(name) for name in backbones.loaded()]
+    loaded = [backbones.for_spec(cnn) for cnn in backbones.loaded()]
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    saved_bf16 = [backbone.gpu_bf16 for backbone in loaded]
     for backbone in loaded:
         backbone.gpu_bf16 = False
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        for backbone in loaded:
-            backbone.gpu_bf16 = True
+        for backbone, bf16 in zip(loaded, saved_bf16):
+            backbone.gpu_bf16 = bf16
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 

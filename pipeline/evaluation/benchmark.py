@@ -46,7 +46,7 @@ from pipeline.experts.ucad import UCAD
 from pipeline.experts.frames import fit_batches, run_on_frames
 from pipeline.features.backbone import Backbones
 from pipeline.features.imaging import decode_image
-from schemas.config import BENCH_JUDGE_MODES, DEFAULT_FRAME_BUDGET_MS, ModelConfig, TrainingConfig
+from schemas.config import BENCH_JUDGE_MODES, DEFAULT_BENCH_JUDGE, DEFAULT_FRAME_BUDGET_MS, ModelConfig, TrainingConfig
 from schemas.spec import InputSpec
 
 _MAX_PIXELS = 100_000_000
@@ -111,7 +111,7 @@ def benchmark_category(
     training: TrainingConfig,
     on_row: Callable[[BenchmarkRow], None] = lambda row: None,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
-    judge: str = "fitted",
+    judge: str = DEFAULT_BENCH_JUDGE,
     frame_budgets_ms: Sequence[float] | None = None,
     speed: MachineSpeed | None = None,
 ) -> list[BenchmarkRow]:
