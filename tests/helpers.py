@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.data.datasets import labeled_test_images, read_mask, train_images
 from pipeline.experts import Expert
-from pipeline.features.backbone import Backbone
+from pipeline.features.backbone import Backbone, Backbones
 from pipeline.features.imaging import decode_image, resize_rgb
 
 
@@ -31,3 +31,20 @@ def fit_and_predict(expert: Expert, backbone: Backbone, root: Path, category: st
         "scores": output.scores,
         "maps": output.maps,
     }
+
+
+def serve_one_task(redis_client, namespace: str, category: str, expert: Expert, spec, backbones: Backbones, model):
+    """An Inspector serving one task of `expert` at `spec` from a real store: random keys, a calibration
+    that flags nothing of interest (the tests compare raw scores)."""
+    from pipeline.core.calibration import Calibration
+    from pipeline.core.inspector import Inspector
+    from pipeline.core.store import KnowledgeStore
+    from pipeline.core.task import TaskArtifacts
+
+    keys = np.random.default_rng(0).normal(size=(4, backbones.vit.embed_dim)).astype(np.float32)
+    calibration = Calibration.from_normals(np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.array([1e6]), 0.1, 1.0)
+    store = KnowledgeStore(redis_client, namespace=namespace)
+    store.publish(TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, {}, spec))
+    inspector = Inspector(backbones, model)
+    inspector.sync(store)
+    return inspector

@@ -49,7 +49,12 @@ def test_judging_the_chosen_only_runs_the_kept_candidate_on_test_and_the_others_
 
 def test_every_candidate_has_a_row_and_the_choice_is_repeated_per_frame_budget(rows) -> None:
     candidates = [r for r in rows if not r.expert.startswith("auto")]
-    assert {r.expert for r in candidates} == {"patchcore", "fcdd"}
+    singles = {r.expert for r in candidates if not r.expert.startswith("ensemble(")}
+    assert singles == {"patchcore", "fcdd"}
+    # ensembles of the candidates fitted at one spec, named by their members, tested like the rest
+    ensembles = [r for r in candidates if r.expert.startswith("ensemble(")]
+    assert ensembles and all(set(r.expert[len("ensemble("):-1].split("+")) <= singles for r in ensembles)
+    assert all(r.chosen_expert == r.expert and not math.isnan(r.image_auroc) for r in ensembles)
     # one row per (expert, spec) and frame budget, each with that budget's verdict, tested once
     assert len({(r.expert, r.spec, r.frame_budget_ms) for r in candidates}) == len(candidates)
     by_budget = {budget: {(r.expert, r.spec): r for r in candidates if r.frame_budget_ms == budget} for budget in (1e5, 2e5)}

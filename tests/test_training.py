@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import redis
 
+from helpers import serve_one_task
 from pipeline.core.expert_selection import AUTO_EXPERTS
 from pipeline.core.inspector import Inspector
 from pipeline.core.store import KnowledgeStore
@@ -364,8 +365,13 @@ def test_automatic_choice_judges_every_candidate_on_validation_and_keeps_the_bes
         false_alarm_rate=0.1, on_progress=lambda f, m: progress.append(m),
     )
     choice = artifacts.meta["expert_choice"]
-    order = [AUTO_EXPERTS.index(c["expert"]) for c in choice]
+    singles = [c for c in choice if not c["members"]]
+    order = [AUTO_EXPERTS.index(c["expert"]) for c in singles]
     assert order == sorted(order) and set(order) == set(range(len(AUTO_EXPERTS)))  # every automatic expert, in turn
+    ensembles = choice[len(singles):]  # judged after every single candidate, of those fitted at one spec
+    assert ensembles and all(c["expert"] == "ensemble" and len(c["members"]) >= 2 for c in ensembles)
+    fitted_at = {(c["expert"], str(c["spec"])) for c in singles if c["status"] == "ok"}
+    assert all((member, str(c["spec"])) in fitted_at for c in ensembles for member in c["members"])
     eligible = [c for c in choice if c["status"] == "ok"]
     best = max(eligible, key=lambda c: c["score"])
     assert artifacts.expert_name == best["expert"] and artifacts.spec == InputSpec(**best["spec"])
@@ -380,7 +386,6 @@ def test_a_task_at_routings_geometry_reads_routings_vit_pass(backbones: Backbone
                                                             redis_client: redis.Redis, monkeypatch) -> None:
     """No work done twice: a ViT expert whose spec is routing's own squeeze and whose blocks are no deeper
     than the keys gets its tokens from the routing pass; the ViT runs once per batch."""
-    from pipeline.core.calibration import Calibration
     from pipeline.experts.dinov2 import DINOv2Patch, DINOv2PatchConfig
     from schemas.spec import routing_spec
 
@@ -390,12 +395,7 @@ def test_a_task_at_routings_geometry_reads_routings_vit_pass(backbones: Backbone
     from pipeline.experts.frames import fit_batches
 
     expert.fit(fit_batches(frames, spec, backbones, 8), backbones.default)
-    keys = np.random.default_rng(0).normal(size=(4, backbones.vit.embed_dim)).astype(np.float32)
-    calibration = Calibration.from_normals(np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.array([1e6]), 0.1, 1.0)
-    store = KnowledgeStore(redis_client, namespace="test-shared-pass")
-    store.publish(TaskArtifacts("brick", "dinov2", keys, expert.to_bytes(), calibration, {}, spec))
-    inspector = Inspector(backbones, MODEL)
-    inspector.sync(store)
+    inspector = serve_one_task(redis_client, "test-shared-pass", "brick", expert, spec, backbones, MODEL)
     assert inspector.shared_layers() == (5, 7)
     calls = []
     original = backbones.vit.multi_layer_tokens

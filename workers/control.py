@@ -323,7 +323,7 @@ class ControlWorker:
                 "input_spec": task.input_spec.describe(),
                 "expert_ms_per_frame": task.meta.get("expert_ms_per_frame"),
                 "expert_choice": "; ".join(
-                    f"{c['expert']} @ {InputSpec(**c['spec']).describe()}: "
+                    f"{c.get('label', c['expert'])} @ {InputSpec(**c['spec']).describe()}: "
                     + (f"{c['score']:.4f}" if c["status"] == "ok" else c["status"])
                     for c in task.meta["expert_choice"]
                 ),

@@ -10,7 +10,9 @@ cut-paste, so validating on those would favour it). Frames go through the live p
 The score is (2 x image AUROC + pixel AUROC) / 3: whether a part is defective comes first, where second.
 Each fitted candidate also gets its image decision (pipeline.core.decision: the expert's own score or
 one read from its map, position-aware for aligned products), chosen on the same validation frames, and
-is judged with it. Candidates are tried expert by expert in the given order (AUTO_EXPERTS: strong and
+is judged with it. After the single candidates, ensembles of those fitted at one spec
+(pipeline.experts.ensemble: members' outputs in units of their spread on the validation normals, averaged;
+one backbone pass, nothing more to fit) are judged the same way. Candidates are tried expert by expert in the given order (AUTO_EXPERTS: strong and
 cheap to fit first), each expert's specs cheapest first; one whose expert stage costs more than the
 line's per-frame budget (`expert_budget_ms`) is not eligible, and once the add would pass its budget, no
 further candidate is tried. Both costs are estimated from the candidates' counted work and this machine's
@@ -34,6 +36,7 @@ from pipeline.core.decision import ImageDecision, MapStatistics, choose_decision
 from pipeline.data.metrics import pixel_metrics
 from pipeline.data.validation_anomalies import make_validation_anomalies
 from pipeline.experts import EXPERT_TYPES, Expert, build_expert
+from pipeline.experts.ensemble import Ensemble, Member
 from pipeline.experts.frames import fit_batches, run_on_frames, view_batches
 from pipeline.features.backbone import Backbones
 from pipeline.features.geometry import frame_views
@@ -58,9 +61,14 @@ class Candidate:
     # 4: the fit frames and their 90, 180 and 270 degree rotations all go into the expert (a bank that
     # knows every orientation of the surface); 1: the frames as they are
     orientations: int = 1
+    members: tuple[str, ...] = ()  # an ensemble's experts (expert "ensemble"), each fitted at this spec
+
+    @property
+    def label(self) -> str:
+        return f"{self.expert}({'+'.join(self.members)})" if self.members else self.expert
 
     def describe(self) -> str:
-        return f"{self.expert} @ {self.spec.describe()}" + (" + rotations" if self.orientations > 1 else "")
+        return f"{self.label} @ {self.spec.describe()}" + (" + rotations" if self.orientations > 1 else "")
 
 
 def rotated(frames: Sequence[np.ndarray], orientations: int) -> list[np.ndarray]:
@@ -74,6 +82,7 @@ class CandidateResult:
     spec: InputSpec
     status: str  # "ok", "over_budget" (too slow per frame), "skipped" (add budget spent), "failed"
     orientations: int = 1  # Candidate.orientations
+    members: tuple[str, ...] = ()  # Candidate.members
     image_auroc: float = math.nan  # with its image decision
     pixel_auroc: float = math.nan
     ms_per_frame: float = math.nan  # estimated from its work (pipeline.core.cost): what the budget judges
@@ -87,7 +96,7 @@ class CandidateResult:
 
     @property
     def candidate(self) -> Candidate:
-        return Candidate(self.expert, self.spec, self.orientations)
+        return Candidate(self.expert, self.spec, self.orientations, self.members)
 
     @property
     def score(self) -> float:
@@ -106,7 +115,8 @@ class CandidateResult:
         return text if self.status == "ok" else f"{text} {self.status} {self.detail}".strip()
 
     def as_dict(self) -> dict:
-        return {"expert": self.expert, "spec": self.spec.model_dump(), "orientations": self.orientations, "status": self.status,
+        return {"expert": self.expert, "members": list(self.members), "label": self.candidate.label, "spec": self.spec.model_dump(),
+                "orientations": self.orientations, "status": self.status,
                 "image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "score": self.score,
                 "ms_per_frame": self.ms_per_frame, "fit_seconds": self.fit_seconds,
                 "measured_ms_per_frame": self.measured_ms_per_frame, "measured_fit_seconds": self.measured_fit_seconds,
@@ -192,6 +202,9 @@ def default_candidates(frames: Sequence[np.ndarray], expert: str | None, spec: I
     for name in names:
         if name not in EXPERT_TYPES:
             raise ValueError(f"unknown expert {name!r}; known: {sorted(EXPERT_TYPES)}")
+        if name == Ensemble.name:
+            raise ValueError("an ensemble is composed by the automatic choice from the experts it fitted; "
+                             "name a single expert, or none")
     if spec is not None:
         return [Candidate(name, spec) for name in names]
     # orientation-free surfaces: a twin that knows every orientation, after each PatchCore canvas (validation says if it helps)
@@ -216,6 +229,10 @@ class Judgement:
     decision_aurocs: dict[str, float]
     work: Work  # of the validation frames' pass, statistics frames included
     wall_seconds: float
+    # standard deviations of its image scores and of its map values over the validation normals: the
+    # scale an ensemble divides this candidate's outputs by
+    normal_score_spread: float = math.nan
+    normal_map_spread: float = math.nan
 
 
 def evaluate(expert: Expert, spec: InputSpec, validation: ValidationSet, backbones: Backbones,
@@ -230,7 +247,17 @@ def evaluate(expert: Expert, spec: InputSpec, validation: ValidationSet, backbon
     decision, aurocs = choose_decision(validation.labels, outputs.scores, outputs.maps, statistics)
     masks = [np.zeros(f.shape[:2], dtype=bool) for f in validation.normal] + validation.masks
     pixel_auroc = pixel_metrics(masks, outputs.maps)["pixel_auroc"]
-    return Judgement(aurocs[decision.describe()], pixel_auroc, decision, aurocs, work + statistics_work, wall)
+    normal = len(validation.normal)
+    return Judgement(aurocs[decision.describe()], pixel_auroc, decision, aurocs, work + statistics_work, wall,
+                     float(np.std(outputs.scores[:normal])), _pixel_spread(outputs.maps[:normal]))
+
+
+def _pixel_spread(maps: Sequence[np.ndarray]) -> float:
+    """Standard deviation of every value of the maps (accumulated: frame-resolution maps are large)."""
+    count = sum(m.size for m in maps)
+    mean = sum(float(m.sum(dtype=np.float64)) for m in maps) / max(count, 1)
+    variance = sum(float(np.square(m - mean, dtype=np.float64).sum()) for m in maps) / max(count, 1)
+    return math.sqrt(variance)
 
 
 @dataclass
@@ -355,23 +382,53 @@ def choose(
             result.status, result.detail = "failed", f"{type(error).__name__}: {error}"
             on_progress(0.2, f"candidate {result.line()}")
             continue
-        expert, judgement, backbone = done.expert, done.judgement, candidate.spec.backbone
-        result.summary, result.measured_fit_seconds = expert.fit_summary(), done.wall_seconds
-        result.fit_seconds = speed.seconds(done.work, backbone)
-        judged_s = speed.seconds(judgement.work, backbone)
-        result.ms_per_frame = 1000 * judged_s / judged_frames
-        result.image_auroc, result.pixel_auroc = judgement.image_auroc, judgement.pixel_auroc
-        result.decision, result.decision_aurocs = judgement.decision.describe(), judgement.decision_aurocs
-        result.measured_ms_per_frame = 1000 * judgement.wall_seconds / len(validation.frames)
+        judged_s = _record(result, done, speed, judged_frames, len(validation.frames), training)
         spent_s += result.fit_seconds + judged_s
-        fitted[index], decisions[index] = expert, judgement.decision
+        fitted[index], decisions[index] = done.expert, done.judgement.decision
         overhead.setdefault(candidate.expert, result.ms_per_frame / max(probe, 1e-3))
         seconds_per_view.setdefault(candidate.expert, []).append(
             result.fit_seconds / max(views[candidate.spec] * candidate.orientations, 1))
-        if result.ms_per_frame > training.expert_budget_ms:
-            result.status, result.detail = "over_budget", f"{result.ms_per_frame:.0f} ms/frame > {training.expert_budget_ms:.0f}"
         on_progress(0.2 + 0.6 * (step + 1) / len(candidates), f"candidate {result.line()}")
+    # ensembles of what was fitted: judged after every single candidate, so they never cost a single one its turn
+    for candidate, members in ensemble_candidates(results, fitted):
+        result = CandidateResult(candidate.expert, candidate.spec, "ok", candidate.orientations, candidate.members)
+        estimate = sum(results[i].ms_per_frame for i in members) - (len(members) - 1) * probe_ms[candidate.spec]
+        if estimate > training.expert_budget_ms:
+            result.status, result.ms_per_frame = "over_budget", estimate
+            result.detail = f"estimated {estimate:.0f} ms/frame (its members' sum, one backbone) > {training.expert_budget_ms:.0f}"
+        elif spent_s + estimate * judged_frames / 1000 > budget_s:
+            result.status = "skipped"
+            result.detail = f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far)"
+        expert, decision = None, None
+        if result.status == "ok":
+            if candidate not in cache:
+                cache[candidate] = _compose_and_judge([cache[candidates[i]] for i in members], candidate.spec,
+                                                      validation, backbones, training.batch_size)
+            done = cache[candidate]
+            spent_s += _record(result, done, speed, judged_frames, len(validation.frames), training)
+            expert, decision = done.expert, done.judgement.decision
+        fitted.append(expert)
+        decisions.append(decision)
+        order.append(len(results))
+        results.append(result)
+        on_progress(0.8, f"candidate {result.line()}")
     return _select(results, fitted, decisions, order)  # every candidate has its result by now
+
+
+def _record(result: CandidateResult, done: "Fitted", speed: MachineSpeed, judged_frames: int, validation_frames: int,
+            training: TrainingConfig) -> float:
+    """Fill a fitted candidate's result from its fit and judgement; the estimated seconds of its judging."""
+    judgement, backbone = done.judgement, result.spec.backbone
+    result.summary, result.measured_fit_seconds = done.expert.fit_summary(), done.wall_seconds
+    result.fit_seconds = speed.seconds(done.work, backbone)
+    judged_s = speed.seconds(judgement.work, backbone)
+    result.ms_per_frame = 1000 * judged_s / judged_frames
+    result.image_auroc, result.pixel_auroc = judgement.image_auroc, judgement.pixel_auroc
+    result.decision, result.decision_aurocs = judgement.decision.describe(), judgement.decision_aurocs
+    result.measured_ms_per_frame = 1000 * judgement.wall_seconds / validation_frames
+    if result.ms_per_frame > training.expert_budget_ms:
+        result.status, result.detail = "over_budget", f"{result.ms_per_frame:.0f} ms/frame > {training.expert_budget_ms:.0f}"
+    return judged_s
 
 
 def _fit_and_judge(candidate: Candidate, fit_frames: list[np.ndarray], validation: ValidationSet,
@@ -390,6 +447,36 @@ def _fit_and_judge(candidate: Candidate, fit_frames: list[np.ndarray], validatio
     wall = time.perf_counter() - started
     return Fitted(expert, evaluate(expert, candidate.spec, validation, backbones, training.batch_size),
                   fit_work + expert_work, wall)
+
+
+def ensemble_candidates(results: Sequence[CandidateResult], fitted: Sequence[Expert | None]) -> list[tuple[Candidate, list[int]]]:
+    """Ensembles worth judging, with the indices of their members: per spec (and orientations), the fitted
+    single candidates within the per-frame budget, when there are two or more: all of them, and the best two
+    by validation score when there are more (the best of the rest may only add noise)."""
+    groups: dict[tuple[InputSpec, int], list[int]] = {}
+    for index, result in enumerate(results):
+        if result.status == "ok" and fitted[index] is not None and not result.members:
+            groups.setdefault((result.spec, result.orientations), []).append(index)
+    ensembles = []
+    for (spec, orientations), indices in groups.items():
+        ranked = sorted(indices, key=lambda i: -results[i].score)
+        for members in ([ranked] + ([ranked[:2]] if len(ranked) > 2 else [])) if len(ranked) >= 2 else []:
+            names = tuple(results[i].expert for i in members)
+            ensembles.append((Candidate(Ensemble.name, spec, orientations, names), members))
+    return ensembles
+
+
+def _compose_and_judge(members: Sequence[Fitted], spec: InputSpec, validation: ValidationSet, backbones: Backbones,
+                       batch_size: int) -> Fitted:
+    """An ensemble of fitted candidates, each scaled by its spread on the validation normals, judged like
+    any candidate. Its fit is its members' (already paid for: the work is reported, not spent again)."""
+    ensemble = Ensemble(members=[Member(m.expert, m.judgement.normal_score_spread, m.judgement.normal_map_spread)
+                                 for m in members])
+    work = Work()
+    for member in members:
+        work = work + member.work
+    return Fitted(ensemble, evaluate(ensemble, spec, validation, backbones, batch_size), work,
+                  sum(m.wall_seconds for m in members))
 
 
 def _views_per_frame(spec: InputSpec, frames: Sequence[np.ndarray]) -> int:

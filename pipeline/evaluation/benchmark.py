@@ -150,11 +150,12 @@ def benchmark_category(
 
     def judged(expert: Expert, spec: InputSpec, decision: ImageDecision, result: CandidateResult | None,
                fit_seconds: float, status: str, label: str | None = None) -> BenchmarkRow:
-        row = _evaluate(category, expert, spec, decision, label or expert.name, status, fit_seconds,
+        name = expert.name if result is None else result.candidate.label  # an ensemble's names its members
+        row = _evaluate(category, expert, spec, decision, label or name, status, fit_seconds,
                         math.nan if result is None else result.score, len(fit), test, backbones, keys,
                         images.frames["calibration"], model, training)
         if result is not None:
-            row = replace(row, spec=_spec_text(result), estimated_ms_per_frame=result.ms_per_frame,
+            row = replace(row, chosen_expert=name, spec=_spec_text(result), estimated_ms_per_frame=result.ms_per_frame,
                           frame_budget_ms=frame_budgets_ms[0])
         return row
 
@@ -180,7 +181,7 @@ def benchmark_category(
                 by_candidate[candidate] = judged(done.expert, result.spec, done.judgement.decision,
                                                  fitted_results.get(candidate, result), done.wall_seconds, result.status)
             elif candidate not in by_candidate and result.status != "failed" and candidate not in cache \
-                    and judge == "all":
+                    and judge == "all" and not result.members:  # an ensemble is composed by a choice, not fitted here
                 expert, seconds = fit_here(result.expert, result.spec, orientations=result.orientations)
                 by_candidate[candidate] = judged(expert, result.spec, ImageDecision(), result, seconds, result.status)
             if candidate in by_candidate:
@@ -221,7 +222,8 @@ def _untested(category: str, result: CandidateResult, num_fit: int, num_test: in
     """A candidate not run on the test set: its verdict, validation score (NaN when it was not fitted)
     and estimated cost, no test metrics."""
     nan = math.nan
-    return BenchmarkRow(category=category, expert=result.expert, chosen_expert=result.expert, spec=_spec_text(result),
+    return BenchmarkRow(category=category, expert=result.candidate.label, chosen_expert=result.candidate.label,
+                        spec=_spec_text(result),
                         status=result.status, num_fit_images=num_fit, num_test_images=num_test, num_far_normals=0,
                         fit_seconds=result.measured_fit_seconds, ms_per_frame=nan, state_bytes=0,
                         validation_score=result.score,

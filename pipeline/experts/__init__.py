@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pipeline.experts.base import Expert, ExpertOutput, model_settings
 from pipeline.experts.dinov2 import DINOv2Patch
+from pipeline.experts.ensemble import Ensemble
 from pipeline.experts.fcdd import FCDD
 from pipeline.experts.panda import PANDA
 from pipeline.experts.patchcore import PatchCore
@@ -16,9 +17,10 @@ from pipeline.experts.simplenet import SimpleNet
 from pipeline.experts.ucad import UCAD
 from schemas.config import ModelConfig
 
-# Order = preference on ties in the automatic choice.
+# Order = preference on ties in the automatic choice. An Ensemble is composed of fitted experts by the
+# automatic choice, never fitted on its own: it is here so that stored tasks load.
 EXPERT_TYPES: dict[str, type[Expert]] = {
-    expert.name: expert for expert in (PatchCore, ReverseDistillation, FCDD, UCAD, DINOv2Patch, PANDA, SimpleNet)
+    expert.name: expert for expert in (PatchCore, ReverseDistillation, FCDD, UCAD, DINOv2Patch, PANDA, SimpleNet, Ensemble)
 }
 
 
