@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import serve_one_task
-from pipeline.core.expert_selection import CandidateResult, default_candidates, ensemble_candidates
+from pipeline.core.expert_selection import (ENSEMBLE_MIN_GAIN, CandidateResult, _select, default_candidates,
+                                            ensemble_candidates)
 from pipeline.data.datasets import train_images, write_synthetic_category
 from pipeline.experts import build_expert, load_expert
 from pipeline.experts.ensemble import Ensemble, Member
@@ -111,3 +112,12 @@ def test_a_stored_ensemble_task_is_served_as_the_choice_judged_it(members, backb
     results, _ = inspector.inspect(frames[6:])
     np.testing.assert_allclose([r.score_raw for r in results], run_on_frames(ensemble, SPEC, backbones, frames[6:]).scores,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("gain, kept", [(ENSEMBLE_MIN_GAIN / 2, "patchcore"), (2 * ENSEMBLE_MIN_GAIN, "ensemble")])
+def test_an_ensemble_is_kept_only_when_it_beats_the_best_single_candidate_by_a_margin(gain: float, kept: str) -> None:
+    results = [CandidateResult("patchcore", SPEC, "ok", image_auroc=0.9), CandidateResult("panda", SPEC, "ok", image_auroc=0.8),
+               CandidateResult("ensemble", SPEC, "ok", members=("patchcore", "panda"), image_auroc=0.9 + gain)]
+    experts = [object(), object(), object()]
+    selection = _select(results, experts, [None] * 3, [0, 1, 2])
+    assert selection.chosen.expert == kept

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.core.cost import MachineSpeed, Work, WorkLimitReached, counted
-from pipeline.core.decision import ImageDecision, MapStatistics, choose_decision
+from pipeline.core.decision import MIN_GAIN, ImageDecision, MapStatistics, choose_decision
 from pipeline.data.metrics import pixel_metrics
 from pipeline.data.validation_anomalies import make_validation_anomalies
 from pipeline.experts import EXPERT_TYPES, Expert, build_expert
@@ -51,6 +51,10 @@ TILE_SIDE, TILE_OVERLAP = 256, 32
 VIT_TOKENS = (576, 1024)  # ViT candidates: token budgets (24 x 24 and 32 x 32 for a square frame)
 
 
+# An ensemble is kept only when its validation score beats the best single candidate's by this much: as for
+# image decisions, a few dozen validation frames cannot tell smaller gains from noise, and the single
+# expert is the simpler, cheaper model.
+ENSEMBLE_MIN_GAIN = MIN_GAIN
 ROTATION_MAX_ASPECT = 1.5  # frames this close to square may show their surface in any orientation
 
 
@@ -488,7 +492,11 @@ def _select(results: list[CandidateResult], fitted: list[Expert | None], decisio
     rank = {index: step for step, index in enumerate(order)}  # ties go to the candidate tried first
     eligible = [i for i, r in enumerate(results) if r.status == "ok" and fitted[i] is not None]
     if eligible:
-        best = max(eligible, key=lambda i: (results[i].score, -rank[i]))
+        singles = [i for i in eligible if not results[i].members] or eligible
+        best = max(singles, key=lambda i: (results[i].score, -rank[i]))
+        # an ensemble must beat the best single candidate by ENSEMBLE_MIN_GAIN: on a near tie the simpler wins
+        better = [i for i in eligible if results[i].members and results[i].score > results[best].score + ENSEMBLE_MIN_GAIN]
+        best = max(better, key=lambda i: (results[i].score, -rank[i]), default=best)
     else:
         tried = [i for i, f in enumerate(fitted) if f is not None]
         if not tried:
