@@ -78,8 +78,9 @@ def test_an_ensemble_is_composed_never_fitted_or_named(members) -> None:
         Ensemble(members=members[:1])
     with pytest.raises(ValueError, match="single experts"):
         Ensemble(members=[members[0], Member(Ensemble(members=members), 1.0, 1.0)])
-    with pytest.raises(ValueError, match="finite"):
-        Member(members[0].expert, math.nan, 1.0)
+    for spread in (math.nan, 0.0):  # outputs that never vary on normals have no unit to put them in
+        with pytest.raises(ValueError, match="finite and positive"):
+            Member(members[0].expert, spread, 1.0)
     with pytest.raises(NotImplementedError, match="composed"):
         Ensemble().fit([], None)
     with pytest.raises(ValueError, match="composed by the automatic choice"):

@@ -394,7 +394,10 @@ def choose(
             result.fit_seconds / max(views[candidate.spec] * candidate.orientations, 1))
         on_progress(0.2 + 0.6 * (step + 1) / len(candidates), f"candidate {result.line()}")
     # ensembles of what was fitted: judged after every single candidate, so they never cost a single one its turn
-    for candidate, members in ensemble_candidates(results, fitted):
+    # a candidate whose outputs on the validation normals do not vary has no spread to scale it by
+    scalable = [expert if expert is not None and _has_spread(cache[candidates[i]].judgement) else None
+                for i, expert in enumerate(fitted)]
+    for candidate, members in ensemble_candidates(results, scalable):
         result = CandidateResult(candidate.expert, candidate.spec, "ok", candidate.orientations, candidate.members)
         estimate = sum(results[i].ms_per_frame for i in members) - (len(members) - 1) * probe_ms[candidate.spec]
         if estimate > training.expert_budget_ms:
@@ -468,6 +471,10 @@ def ensemble_candidates(results: Sequence[CandidateResult], fitted: Sequence[Exp
             names = tuple(results[i].expert for i in members)
             ensembles.append((Candidate(Ensemble.name, spec, orientations, names), members))
     return ensembles
+
+
+def _has_spread(judgement: Judgement) -> bool:
+    return judgement.normal_score_spread > 0 and judgement.normal_map_spread > 0  # False for NaN too
 
 
 def _compose_and_judge(members: Sequence[Fitted], spec: InputSpec, validation: ValidationSet, backbones: Backbones,

@@ -30,10 +30,6 @@ from pipeline.experts.base import Expert, ExpertOutput
 from pipeline.features.backbone import Backbone, FeatureBatch
 from schemas.spec import CNN_BACKBONES, VIT_BACKBONE
 
-# A member whose normal outputs barely vary (a constant map) would dominate the average once divided by
-# its spread: spreads are floored.
-MIN_SPREAD = 1e-6
-
 
 @dataclass(frozen=True)
 class EnsembleConfig:
@@ -49,8 +45,9 @@ class Member:
     def __post_init__(self) -> None:
         for name in ("score_spread", "map_spread"):
             value = getattr(self, name)
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"a member's {name} must be finite and non-negative, got {value}")
+            # a member whose normal outputs do not vary at all cannot be put in units of their spread
+            if not np.isfinite(value) or value <= 0:
+                raise ValueError(f"a member's {name} must be finite and positive, got {value}")
 
 
 class Ensemble(Expert):
@@ -83,8 +80,8 @@ class Ensemble(Expert):
         scores, maps = 0.0, 0.0
         for member in self.members:
             output = member.expert.predict(batch, backbone)
-            scores = scores + np.asarray(output.scores, np.float64) / max(member.score_spread, MIN_SPREAD)
-            maps = maps + np.asarray(output.maps, np.float64) / max(member.map_spread, MIN_SPREAD)
+            scores = scores + np.asarray(output.scores, np.float64) / member.score_spread
+            maps = maps + np.asarray(output.maps, np.float64) / member.map_spread
         n = len(self.members)
         return ExpertOutput((scores / n).astype(np.float32), (maps / n).astype(np.float32))
 
