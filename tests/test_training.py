@@ -368,10 +368,9 @@ def test_automatic_choice_judges_every_candidate_on_validation_and_keeps_the_bes
     singles = [c for c in choice if not c["members"]]
     order = [AUTO_EXPERTS.index(c["expert"]) for c in singles]
     assert order == sorted(order) and set(order) == set(range(len(AUTO_EXPERTS)))  # every automatic expert, in turn
-    ensembles = choice[len(singles):]  # judged after every single candidate, of those fitted at one spec
-    assert ensembles and all(c["expert"] == "ensemble" and len(c["members"]) >= 2 for c in ensembles)
-    fitted_at = {(c["expert"], str(c["spec"])) for c in singles if c["status"] == "ok"}
-    assert all((member, str(c["spec"])) in fitted_at for c in ensembles for member in c["members"])
+    # ensembles come after every single candidate; with one validation normal, as here, there is no spread
+    # to scale members by, so none is composed (tests/test_benchmark.py and test_ensemble.py cover them)
+    assert choice[len(singles):] == []
     eligible = [c for c in choice if c["status"] == "ok"]
     best = max(eligible, key=lambda c: c["score"])
     assert artifacts.expert_name == best["expert"] and artifacts.spec == InputSpec(**best["spec"])
