@@ -467,9 +467,9 @@ def ensemble_candidates(results: Sequence[CandidateResult], fitted: Sequence[Exp
     ensembles = []
     for (spec, orientations), indices in groups.items():
         ranked = sorted(indices, key=lambda i: -results[i].score)
-        for members in ([ranked] + ([ranked[:2]] if len(ranked) > 2 else [])) if len(ranked) >= 2 else []:
-            names = tuple(results[i].expert for i in members)
-            ensembles.append((Candidate(Ensemble.name, spec, orientations, names), members))
+        choices = [ranked, ranked[:2]] if len(ranked) > 2 else [ranked] if len(ranked) == 2 else []
+        ensembles += [(Candidate(Ensemble.name, spec, orientations, tuple(results[i].expert for i in members)), members)
+                      for members in choices]
     return ensembles
 
 
@@ -483,11 +483,8 @@ def _compose_and_judge(members: Sequence[Fitted], spec: InputSpec, validation: V
     any candidate. Its fit is its members' (already paid for: the work is reported, not spent again)."""
     ensemble = Ensemble(members=[Member(m.expert, m.judgement.normal_score_spread, m.judgement.normal_map_spread)
                                  for m in members])
-    work = Work()
-    for member in members:
-        work = work + member.work
-    return Fitted(ensemble, evaluate(ensemble, spec, validation, backbones, batch_size), work,
-                  sum(m.wall_seconds for m in members))
+    return Fitted(ensemble, evaluate(ensemble, spec, validation, backbones, batch_size),
+                  sum((m.work for m in members), Work()), sum(m.wall_seconds for m in members))
 
 
 def _views_per_frame(spec: InputSpec, frames: Sequence[np.ndarray]) -> int:

@@ -150,7 +150,7 @@ def benchmark_category(
 
     def judged(expert: Expert, spec: InputSpec, decision: ImageDecision, result: CandidateResult | None,
                fit_seconds: float, status: str, label: str | None = None) -> BenchmarkRow:
-        name = expert.name if result is None else result.candidate.label  # an ensemble's names its members
+        name = expert.name if result is None else result.candidate.label  # an ensemble's label names its members
         row = _evaluate(category, expert, spec, decision, label or name, status, fit_seconds,
                         math.nan if result is None else result.score, len(fit), test, backbones, keys,
                         images.frames["calibration"], model, training)
