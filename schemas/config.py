@@ -157,8 +157,8 @@ class TrainingConfig(_Config):
     statistics_fraction: float = Field(default=0.1, ge=0, lt=1)
     min_statistics_images: int = Field(default=20, ge=0)
     audit_fraction: float = Field(default=0.05, ge=0, lt=1)
-    max_audit_images: int = Field(default=32, ge=0, description="The audit set keeps at most 16 normals "
-                                  "(pipeline.core.audit); more would only be names in the meta.")
+    max_audit_images: int = Field(default=16, ge=0, description="The audit set keeps at most 16 normals "
+                                  "(pipeline.core.audit); more would be normals that neither fit nor judge.")
     max_held_out_fraction: float = Field(default=0.5, gt=0, lt=1, description="The held-out roles never take "
                                          "more than this share of the images, floors included: fit keeps the rest.")
     batch_size: int = Field(default=16, ge=1)

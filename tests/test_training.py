@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from helpers import serve_one_task
+from pipeline.core.audit import AUDIT_MAX_NORMALS
 from pipeline.core.expert_selection import AUTO_EXPERTS
 from pipeline.core.inspector import Inspector
 from pipeline.core.store import KnowledgeStore
@@ -117,9 +118,9 @@ def test_split_roles_disjoint_deterministic_and_capped(tmp_path: Path) -> None:
 
 def test_every_image_is_used_with_floors_and_statistics_only_for_aligned_products() -> None:
     config = TrainingConfig()
-    assert role_sizes(1000, config, aligned=True) == {"fit": 568, "validation": 100, "calibration": 200,
-                                                      "statistics": 100, "audit": 32}
-    assert role_sizes(1000, config, aligned=False)["fit"] == 668  # no statistics: fit takes them
+    assert role_sizes(1000, config, aligned=True) == {"fit": 584, "validation": 100, "calibration": 200,
+                                                      "statistics": 100, "audit": AUDIT_MAX_NORMALS}  # no unread audit normals
+    assert role_sizes(1000, config, aligned=False)["fit"] == 684  # no statistics: fit takes them
     sizes = role_sizes(600, config, aligned=False)  # calibration's floor holds where the images exist
     assert sizes["calibration"] >= 100 and sizes["fit"] == 600 - sum(v for k, v in sizes.items() if k != "fit")
     assert sizes["fit"] >= 300  # the held-out roles never take more than half
@@ -232,6 +233,8 @@ def test_trained_artifacts_shape_spec_and_meta(trained, backbones: Backbones) ->
         meta = artifacts.meta
         assert (meta["num_fit_images"], meta["num_validation_images"], meta["num_calibration_images"]) == (7, 1, 3)
         assert [len(meta["splits"][r]) for r in (*ROLES, "unused")] == [7, 1, 3, 0, 1, 0]
+        # once chosen, the expert is fitted again with the validation normal (the add budget has room here)
+        assert meta["refit"]["refitted"] and meta["num_expert_images"] == meta["refit"]["images"] == 8
         assert meta["image_decision"] == artifacts.image_decision.describe() and meta["frame_budget_ms"] == 250.0
         assert meta["model_config"] == MODEL.model_dump() and meta["expert_ms_per_frame"] > 0
         assert artifacts.spec == SPEC and artifacts.input_spec == SPEC
