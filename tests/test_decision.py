@@ -47,6 +47,21 @@ def test_the_expert_score_is_kept_unless_a_map_decision_beats_it_clearly() -> No
     assert MIN_GAIN > 0 and all(d.statistics is None for d in candidate_decisions(None))
 
 
+def test_an_aligned_product_keeps_the_position_aware_decision_unless_a_plain_one_beats_it_clearly() -> None:
+    statistics = MapStatistics.from_maps(_maps(20, 7, defect=False))
+    maps = _maps(10, 8, False) + _maps(10, 9, True)
+    labels = [False] * 10 + [True] * 10
+    perfect = np.array([float(label) for label in labels])
+    # a tie at a perfect validation AUROC: the position-aware maximum, tried first, is kept
+    decision, aurocs = choose_decision(labels, perfect, maps, statistics)
+    assert aurocs["position-aware max"] == aurocs["expert score"] == 1.0
+    assert decision.statistics is not None and decision.aggregation == "max"
+    # maps that carry nothing position-aware can use, and an expert score that separates: the plain score wins
+    flat = [np.full(SHAPE, 1.0, dtype=np.float32) for _ in labels]
+    decision, aurocs = choose_decision(labels, perfect, flat, MapStatistics.from_maps(flat[:5]))
+    assert decision.aggregation == "expert" and aurocs["position-aware max"] < 1.0 - MIN_GAIN
+
+
 @pytest.mark.parametrize("aggregation", ["expert", "max", "top_k_mean"])
 def test_decisions_round_trip_through_bytes_deterministically(aggregation: str) -> None:
     statistics = None if aggregation == "expert" else MapStatistics.from_maps(_maps(5, 5, False))

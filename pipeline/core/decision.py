@@ -117,17 +117,21 @@ class ImageDecision:
 
 
 def candidate_decisions(statistics: MapStatistics | None) -> list[ImageDecision]:
-    """Simplest first: the expert's own score, then map aggregations, then position-aware ones."""
+    """In the order choose_decision prefers them. Without statistics: simplest first (the expert's own
+    score, then map aggregations). With them (an aligned product), the position-aware ones first: a
+    product whose frames line up has places that always score high, and on each aligned product measured
+    (ball screws, commutators, tyres) z-scoring per position raised recall at 1% false alarms; a plain
+    decision must then beat them clearly, as a map decision must beat the expert's score otherwise."""
     plain = [ImageDecision(aggregation) for aggregation in AGGREGATIONS]
     if statistics is None:
         return plain
-    return plain + [ImageDecision(aggregation, statistics) for aggregation in AGGREGATIONS if aggregation != "expert"]
+    return [ImageDecision(aggregation, statistics) for aggregation in AGGREGATIONS if aggregation != "expert"] + plain
 
 
 def choose_decision(labels: Sequence[bool], expert_scores: np.ndarray, maps: Sequence[np.ndarray],
                     statistics: MapStatistics | None) -> tuple[ImageDecision, dict[str, float]]:
-    """The decision with the best validation image AUROC (a later one must beat the kept one by MIN_GAIN),
-    and every decision's AUROC by its description."""
+    """The decision with the best validation image AUROC, trying them in candidate_decisions' order (a
+    later one must beat the kept one by MIN_GAIN), and every decision's AUROC by its description."""
     aurocs: dict[str, float] = {}
     best, best_auroc = None, -np.inf
     for decision in candidate_decisions(statistics):
