@@ -4,7 +4,6 @@ within what is left of the add budget; the choice itself stays as judged."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
