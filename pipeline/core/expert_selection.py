@@ -19,6 +19,10 @@ further candidate is tried. Both costs are estimated from the candidates' counte
 measured speed (pipeline.core.cost), never from wall time during the add, so the choice does not move
 with the machine's load. Real anomalies are never seen. Every candidate's result travels with the task's
 metadata and the training events.
+
+Once chosen, the expert is fitted again on the fit and validation normals (refit_chosen): validation's
+normals are more of the product's normal variation. The add budget keeps room for that refit of the
+current leader while later candidates are tried.
 """
 
 from __future__ import annotations
