@@ -68,12 +68,7 @@ def test_every_candidate_has_a_row_and_the_choice_is_repeated_per_frame_budget(r
     best = max((r for r in candidates if r.status == "ok"), key=lambda r: r.validation_score)
     for row in (auto, larger):
         assert (row.chosen_expert, row.spec) == (best.expert, best.spec)  # chosen on validation, not on test
-        assert row.decision == best.decision != ""
-        if best.expert.startswith("ensemble("):  # kept as judged
-            assert row.image_auroc == best.image_auroc and "ensemble keeps" in row.note
-        else:  # tested as a task keeps it: refitted on the fit and validation normals (16 used: 10 + 2)
-            assert (best.num_fit_images, row.num_fit_images) == (10, 12) and "refitted on 12 normals" in row.note
-    assert (larger.image_auroc, larger.num_fit_images) == (auto.image_auroc, auto.num_fit_images)  # one refit, tested once
+        assert row.image_auroc == best.image_auroc and row.decision == best.decision != ""
 
 
 def test_per_defect_type_and_the_trust_in_validation_are_reported(rows) -> None:

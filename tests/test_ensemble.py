@@ -120,5 +120,5 @@ def test_an_ensemble_is_kept_only_when_it_beats_the_best_single_candidate_by_a_m
     results = [CandidateResult("patchcore", SPEC, "ok", image_auroc=0.9), CandidateResult("panda", SPEC, "ok", image_auroc=0.8),
                CandidateResult("ensemble", SPEC, "ok", members=("patchcore", "panda"), image_auroc=0.9 + gain)]
     experts = [object(), object(), object()]
-    selection = _select(results, experts, [None] * 3, [0, 1, 2], spent_s=0.0)
+    selection = _select(results, experts, [None] * 3, [0, 1, 2])
     assert selection.chosen.expert == kept

@@ -233,8 +233,6 @@ def test_trained_artifacts_shape_spec_and_meta(trained, backbones: Backbones) ->
         meta = artifacts.meta
         assert (meta["num_fit_images"], meta["num_validation_images"], meta["num_calibration_images"]) == (7, 1, 3)
         assert [len(meta["splits"][r]) for r in (*ROLES, "unused")] == [7, 1, 3, 0, 1, 0]
-        # once chosen, the expert is fitted again with the validation normal (the add budget has room here)
-        assert meta["refit"]["refitted"] and meta["num_expert_images"] == meta["refit"]["images"] == 8
         assert meta["image_decision"] == artifacts.image_decision.describe() and meta["frame_budget_ms"] == 250.0
         assert meta["model_config"] == MODEL.model_dump() and meta["expert_ms_per_frame"] > 0
         assert artifacts.spec == SPEC and artifacts.input_spec == SPEC

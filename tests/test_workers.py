@@ -168,8 +168,6 @@ def test_adding_a_category_leaves_the_old_one_byte_identical(line: Line):
         [event] = line.command(AddCategory(category="gravel", train_dir=str(line.data / "gravel" / "train" / "good"),
                                           expert="patchcore"))
     assert event.kind == EventKind.FINISHED, event.message
-    assert event.details["num_expert_images"] > event.details["num_fit_images"]  # refitted with validation's normals
-    assert event.details["refit"].startswith("refitted on ")
     assert watch.busy_samples >= 3 and watch.worst_silence_s < 5.0, vars(watch)
     wait_for_store_version(line.inference, event.store_version)  # picked up live, no restart
 

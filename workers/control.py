@@ -332,8 +332,6 @@ class ControlWorker:
                 "implied_false_alarm_rate": task.calibration.implied_false_alarm_rate,
                 "stored_bytes": entry.size_bytes,
                 "num_fit_images": task.meta["num_fit_images"],
-                "num_expert_images": task.meta["num_expert_images"],
-                "refit": task.meta["refit"]["detail"],
                 "num_calibration_images": task.meta["num_calibration_images"],
                 "image_decision": task.meta["image_decision"],
                 "frame_budget_ms": training.expert_budget_ms,

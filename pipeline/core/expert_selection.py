@@ -19,10 +19,6 @@ further candidate is tried. Both costs are estimated from the candidates' counte
 measured speed (pipeline.core.cost), never from wall time during the add, so the choice does not move
 with the machine's load. Real anomalies are never seen. Every candidate's result travels with the task's
 metadata and the training events.
-
-Once chosen, the expert is fitted again on the fit and validation normals (refit_chosen): validation's
-normals are more of the product's normal variation. The add budget keeps room for that refit of the
-current leader while later candidates are tried.
 """
 
 from __future__ import annotations
@@ -59,8 +55,6 @@ VIT_TOKENS = (576, 1024)  # ViT candidates: token budgets (24 x 24 and 32 x 32 f
 # image decisions, a few dozen validation frames cannot tell smaller gains from noise, and the single
 # expert is the simpler, cheaper model.
 ENSEMBLE_MIN_GAIN = MIN_GAIN
-# The refit of the chosen expert may pass what is left of the add budget by this share of its estimate.
-REFIT_SLACK = 0.05
 ROTATION_MAX_ASPECT = 1.5  # frames this close to square may show their surface in any orientation
 
 
@@ -99,9 +93,6 @@ class CandidateResult:
     fit_seconds: float = math.nan  # estimated likewise: what the add budget judges
     measured_ms_per_frame: float = math.nan  # wall time on the validation frames, for information only
     measured_fit_seconds: float = math.nan
-    # estimated seconds to fit it again on the fit and validation normals once it is chosen (refit_chosen);
-    # NaN for an ensemble, which is never refitted
-    refit_seconds: float = math.nan
     decision: str = ""  # the image decision chosen on validation (ImageDecision.describe)
     decision_aurocs: dict = field(default_factory=dict)  # validation image AUROC of every decision tried
     detail: str = ""
@@ -133,7 +124,7 @@ class CandidateResult:
                 "image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "score": self.score,
                 "ms_per_frame": self.ms_per_frame, "fit_seconds": self.fit_seconds,
                 "measured_ms_per_frame": self.measured_ms_per_frame, "measured_fit_seconds": self.measured_fit_seconds,
-                "refit_seconds": self.refit_seconds, "decision": self.decision, "decision_aurocs": self.decision_aurocs, "detail": self.detail}
+                "decision": self.decision, "decision_aurocs": self.decision_aurocs, "detail": self.detail}
 
 
 @dataclass
@@ -143,7 +134,6 @@ class Selection:
     results: list[CandidateResult]  # every candidate, in order
     fitted: list[Expert | None]  # aligned with results: the fitted expert (None: not fitted); benchmarks read it
     decisions: list[ImageDecision | None]  # aligned with results: each fitted candidate's image decision
-    spent_seconds: float = 0.0  # estimated seconds of the choice's work (fits and judging), from counted work
 
     @property
     def decision(self) -> ImageDecision:
@@ -282,9 +272,6 @@ class Fitted:
     judgement: Judgement
     work: Work  # of its fit, its spec's fit features included when it computed them
     wall_seconds: float  # measured fit time, for information
-    # its spec's fit features' work (whoever paid for it) and its own fit's: what a refit on more frames costs
-    feature_work: Work = field(default_factory=Work)
-    expert_work: Work = field(default_factory=Work)
 
 
 FitCache = dict[Candidate, Fitted]
@@ -355,12 +342,7 @@ def choose(
     seconds_per_view: dict[str, list[float]] = {}  # expert -> estimated fit seconds per fit view, per fit
     spent_s = 0.0  # estimated seconds of the work done so far
     judged_frames = len(validation.frames) + len(validation.statistics)
-    # once a candidate leads, the add budget keeps room to refit it on the validation normals as well
-    # (refit_chosen): more normals are worth more than a further candidate that would have to beat it
-    refit_ratio = (len(fit_frames) + len(validation.normal)) / max(len(fit_frames), 1)
-    reserve_s, leader = 0.0, None
-    # fit features per (spec, orientations), shared by experts, with the work that computed them
-    features: dict[tuple[InputSpec, int], tuple[list, Work]] = {}
+    features: dict[tuple[InputSpec, int], list] = {}  # fit features per (spec, orientations), shared by experts
     for step, index in enumerate(order):
         candidate = candidates[index]
         for key in [k for k in features if all((candidates[j].spec, candidates[j].orientations) != k for j in order[step:])]:
@@ -376,10 +358,10 @@ def choose(
             if estimate > training.expert_budget_ms:
                 result.status, result.ms_per_frame = "over_budget", estimate
                 result.detail = f"estimated {estimate:.0f} ms/frame (backbone {probe:.0f}) > {training.expert_budget_ms:.0f}"
-            elif spent_s + fit_estimate + estimate * judged_frames / 1000 + reserve_s > budget_s:
+            elif spent_s + fit_estimate + estimate * judged_frames / 1000 > budget_s:
                 result.status = "skipped"
                 result.detail = (f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far, "
-                                 f"fit estimated {fit_estimate:.0f} s, {reserve_s:.0f} s kept to refit the leader)")
+                                 f"fit estimated {fit_estimate:.0f} s)")
             if result.status != "ok":
                 on_progress(0.2, f"candidate {result.line()}")
                 continue
@@ -387,7 +369,7 @@ def choose(
             if candidate not in cache:
                 # a later candidate stops where the add budget ends: its estimate is from other fits and
                 # can be short (a trained expert's epochs), the counted work is not
-                left_s, backbone = budget_s - spent_s - reserve_s, candidate.spec.backbone
+                left_s, backbone = budget_s - spent_s, candidate.spec.backbone
                 over = None if step == 0 else (lambda work: speed.seconds(work, backbone) > left_s)
                 cache[candidate] = counted(lambda: _fit_and_judge(candidate, fit_frames, validation, backbones,
                                                                    model, training, features), over)[0]
@@ -406,10 +388,6 @@ def choose(
             continue
         judged_s = _record(result, done, speed, judged_frames, len(validation.frames), training)
         spent_s += result.fit_seconds + judged_s
-        result.refit_seconds = _refit_seconds(done, refit_ratio, len(validation.statistics), result.ms_per_frame,
-                                              speed, candidate.spec.backbone)
-        if result.status == "ok" and (leader is None or result.score > leader.score):
-            leader, reserve_s = result, result.refit_seconds
         fitted[index], decisions[index] = done.expert, done.judgement.decision
         overhead.setdefault(candidate.expert, result.ms_per_frame / max(probe, 1e-3))
         seconds_per_view.setdefault(candidate.expert, []).append(
@@ -425,10 +403,9 @@ def choose(
         if estimate > training.expert_budget_ms:
             result.status, result.ms_per_frame = "over_budget", estimate
             result.detail = f"estimated {estimate:.0f} ms/frame (its members' sum, one backbone) > {training.expert_budget_ms:.0f}"
-        elif spent_s + estimate * judged_frames / 1000 + reserve_s > budget_s:
+        elif spent_s + estimate * judged_frames / 1000 > budget_s:
             result.status = "skipped"
-            result.detail = (f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far, "
-                             f"{reserve_s:.0f} s kept to refit the leader)")
+            result.detail = f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far)"
         expert, decision = None, None
         if result.status == "ok":
             if candidate not in cache:
@@ -442,7 +419,7 @@ def choose(
         order.append(len(results))
         results.append(result)
         on_progress(0.8, f"candidate {result.line()}")
-    return _select(results, fitted, decisions, order, spent_s)  # every candidate has its result by now
+    return _select(results, fitted, decisions, order)  # every candidate has its result by now
 
 
 def _record(result: CandidateResult, done: "Fitted", speed: MachineSpeed, judged_frames: int, validation_frames: int,
@@ -463,21 +440,20 @@ def _record(result: CandidateResult, done: "Fitted", speed: MachineSpeed, judged
 
 def _fit_and_judge(candidate: Candidate, fit_frames: list[np.ndarray], validation: ValidationSet,
                    backbones: Backbones, model: ModelConfig, training: TrainingConfig,
-                   features: dict[tuple[InputSpec, int], tuple[list, Work]]) -> Fitted:
+                   features: dict[tuple[InputSpec, int], list]) -> Fitted:
     """The candidate fitted (its spec's fit features computed once, their work charged to the first
     expert that needed them) and judged."""
     expert = build_expert(candidate.expert, model)
     started = time.perf_counter()
+    fit_work = Work()
     key = (candidate.spec, candidate.orientations)
-    paid = key not in features
-    if paid:
+    if key not in features:
         frames = rotated(fit_frames, candidate.orientations)
-        features[key] = counted(lambda: fit_batches(frames, candidate.spec, backbones, training.batch_size))
-    batches, feature_work = features[key]
-    _, expert_work = counted(lambda: expert.fit(batches, backbones.for_spec(candidate.spec.backbone)))
+        features[key], fit_work = counted(lambda: fit_batches(frames, candidate.spec, backbones, training.batch_size))
+    _, expert_work = counted(lambda: expert.fit(features[key], backbones.for_spec(candidate.spec.backbone)))
     wall = time.perf_counter() - started
     return Fitted(expert, evaluate(expert, candidate.spec, validation, backbones, training.batch_size),
-                  (feature_work if paid else Work()) + expert_work, wall, feature_work, expert_work)
+                  fit_work + expert_work, wall)
 
 
 def ensemble_candidates(results: Sequence[CandidateResult], fitted: Sequence[Expert | None]) -> list[tuple[Candidate, list[int]]]:
@@ -511,23 +487,12 @@ def _compose_and_judge(members: Sequence[Fitted], spec: InputSpec, validation: V
                   sum((m.work for m in members), Work()), sum(m.wall_seconds for m in members))
 
 
-def _refit_seconds(done: Fitted, ratio: float, statistics_frames: int, ms_per_frame: float, speed: MachineSpeed,
-                   backbone: str) -> float:
-    """Estimated seconds to fit `done`'s expert again on `ratio` times as many frames: its spec's features
-    grow in proportion, its own fit with the square (PatchCore's greedy coreset compares every patch with
-    every patch kept; for the trained experts the square overstates), and per-position statistics, when its
-    decision uses them, are taken again."""
-    work = done.feature_work.scaled(ratio) + done.expert_work.scaled(ratio * ratio)
-    statistics_s = statistics_frames * ms_per_frame / 1000 if done.judgement.decision.statistics is not None else 0.0
-    return speed.seconds(work, backbone) + statistics_s
-
-
 def _views_per_frame(spec: InputSpec, frames: Sequence[np.ndarray]) -> int:
     return len(frame_views(frames[0], spec)) if frames else 1
 
 
 def _select(results: list[CandidateResult], fitted: list[Expert | None], decisions: list[ImageDecision | None],
-            order: list[int], spent_s: float) -> Selection:
+            order: list[int]) -> Selection:
     rank = {index: step for step, index in enumerate(order)}  # ties go to the candidate tried first
     eligible = [i for i, r in enumerate(results) if r.status == "ok" and fitted[i] is not None]
     if eligible:
@@ -542,60 +507,4 @@ def _select(results: list[CandidateResult], fitted: list[Expert | None], decisio
             raise RuntimeError("no candidate expert could be fitted: " + "; ".join(r.line() for r in results))
         best = min(tried, key=lambda i: results[i].ms_per_frame)
         results[best].detail += "; kept as the fastest: no candidate was within the budget"
-    return Selection(fitted[best], results[best], results, fitted, decisions, spent_s)
-
-
-# ------------------------------------------------------------------------------------------ refit
-@dataclass
-class Refit:
-    """The expert a task keeps, and on how many normals it was fitted."""
-
-    expert: Expert
-    decision: ImageDecision
-    images: int  # normal frames it was fitted on (before rotations)
-    refitted: bool
-    detail: str
-    seconds: float = math.nan  # the refit's work in estimated seconds (NaN: not refitted)
-
-    def as_dict(self) -> dict:
-        return {"refitted": self.refitted, "images": self.images, "detail": self.detail, "seconds": self.seconds}
-
-
-def refit_chosen(selection: Selection, fit_frames: list[np.ndarray], validation: ValidationSet, backbones: Backbones,
-                 model: ModelConfig, training: TrainingConfig, speed: MachineSpeed, left_s: float) -> Refit:
-    """The chosen expert fitted again on the fit and validation normals: once validation has judged, its
-    normals are more of the product's normal variation, which on diverse products is what the bank lacks.
-    The choice (expert, spec, orientations, image decision) stays as judged; per-position statistics are
-    taken again from the statistics frames, since the maps they describe changed. Kept as judged when the
-    estimate would pass `left_s` (estimated seconds left of the add budget), when the counted work passes it
-    during the refit, and for an ensemble (its members' scales are their spreads on the validation normals,
-    which a refit would put in their banks)."""
-    chosen, kept = selection.chosen, Refit(selection.expert, selection.decision, len(fit_frames), False, "")
-    if chosen.members:
-        kept.detail = "an ensemble keeps its members as judged (their scales come from the validation normals)"
-        return kept
-    # choose() kept the leader's refit out of later candidates' share, but a fit stopped by the add budget
-    # stops one counted operation past it: that much overrun is allowed rather than losing the refit
-    allowed_s = left_s + REFIT_SLACK * chosen.refit_seconds
-    if not chosen.refit_seconds <= allowed_s:  # NaN too: no estimate, no refit
-        kept.detail = f"refit estimated {chosen.refit_seconds:.0f} s > {max(left_s, 0):.0f} s left of the add budget"
-        return kept
-    expert, spec, backbone = build_expert(chosen.expert, model), chosen.spec, chosen.spec.backbone
-    frames = fit_frames + validation.normal
-
-    def run() -> MapStatistics | None:
-        expert.fit(fit_batches(rotated(frames, chosen.orientations), spec, backbones, training.batch_size),
-                   backbones.for_spec(backbone))
-        if selection.decision.statistics is None:
-            return None
-        return _map_statistics(expert, spec, validation.statistics, backbones, training.batch_size)[0]
-
-    try:
-        statistics, work = counted(run, lambda work: speed.seconds(work, backbone) > allowed_s)
-    except WorkLimitReached:
-        kept.detail = f"the add budget ({max(left_s, 0):.0f} s left) was spent during the refit"
-        return kept
-    decision = selection.decision if statistics is None else ImageDecision(selection.decision.aggregation, statistics)
-    seconds = speed.seconds(work, backbone)
-    return Refit(expert, decision, len(frames), True,
-                 f"refitted on {len(frames)} normals (fit + validation) in {seconds:.0f} s of work", seconds)
+    return Selection(fitted[best], results[best], results, fitted, decisions)

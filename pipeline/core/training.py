@@ -22,7 +22,7 @@ import torch
 from pipeline.core.calibration import Calibration
 from pipeline.core.cost import MachineSpeed, counted
 from pipeline.core.decision import ImageDecision
-from pipeline.core.expert_selection import choose, default_candidates, make_validation_set, refit_chosen
+from pipeline.core.expert_selection import choose, default_candidates, make_validation_set
 from pipeline.core.audit import make_audit_set
 from pipeline.core.task import TaskArtifacts
 from pipeline.core.task_id import KeyTaskIdentifier, select_keys, task_features
@@ -269,23 +269,18 @@ def train_task(
     # and what calibration and publishing need after it.
     budget_s = training.scaled_add_budget_s * (1.0 - CALIBRATION_RESERVE) - speed.seconds(keys_work, "dense")
     selection = choose(candidates, frames["fit"], validation, backbones, model, training, budget_s, speed, on_progress)
-    chosen, results = selection.chosen, selection.results
-    on_progress(0.8, f"chose {chosen.candidate.label} at {chosen.spec.describe()} with {chosen.decision}: validation score "
+    expert, chosen, results = selection.expert, selection.chosen, selection.results
+    summary = expert.fit_summary()
+    on_progress(0.8, f"chose {chosen.expert} at {chosen.spec.describe()} with {chosen.decision}: validation score "
                      f"{chosen.score:.4f}, {chosen.ms_per_frame:.0f} ms/frame (" + "; ".join(r.line() for r in results) + ")")
-    kept = refit_chosen(selection, frames["fit"], validation, backbones, model, training, speed,
-                        budget_s - selection.spent_seconds)
-    expert, summary = kept.expert, kept.expert.fit_summary()
-    on_progress(0.85, f"{chosen.candidate.label}: {kept.detail}")
 
     calibration = calibrate(expert, chosen.spec, backbones, keys, frames["calibration"], model, training,
-                            false_alarm_rate, kept.decision)
+                            false_alarm_rate, selection.decision)
     meta = {
         "train_dir": str(train_dir),
         "max_train_images": max_train_images,
         "frame_budget_ms": training.expert_budget_ms,
-        "num_fit_images": len(frames["fit"]),  # what every candidate was fitted on
-        "num_expert_images": kept.images,  # what the kept expert was fitted on (the refit adds the validation normals)
-        "refit": kept.as_dict(),
+        "num_fit_images": len(frames["fit"]),
         "num_validation_images": len(frames["validation"]),
         "num_calibration_images": len(frames["calibration"]),
         "num_statistics_images": len(frames["statistics"]),
@@ -304,7 +299,7 @@ def train_task(
     on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})"
                      f"; audit set of {meta['num_audit_frames']} frames")
     return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta, chosen.spec,
-                         None if audit is None else audit.to_bytes(), kept.decision)
+                         None if audit is None else audit.to_bytes(), selection.decision)
 
 
 def calibrate(expert: Expert, spec: InputSpec, backbones: Backbones, keys: np.ndarray, images: list[np.ndarray],

@@ -18,9 +18,7 @@ and recall at 1% false alarms from the ROC, over every test anomaly and every no
 defect type (each test/<type>), image AUROC against those normals and recall at the threshold. Per
 category, the Spearman rank correlation between validation score and test image AUROC over the tested
 candidates ("fitted" or "all") says whether the choice can be trusted. One more row per frame budget repeats the candidate
-the automatic choice kept, as `auto` (default budget) and `auto@<ms>ms`, as a task keeps it: refitted on
-the fit and validation normals when the add budget leaves room (expert_selection.refit_chosen), so its
-row may differ from the candidate's; it was chosen without test labels.
+the automatic choice kept, as `auto` (default budget) and `auto@<ms>ms`; it was chosen without test labels.
 """
 
 from __future__ import annotations
@@ -36,9 +34,9 @@ from scipy.stats import spearmanr
 
 from pipeline.core.cost import MachineSpeed
 from pipeline.core.decision import ImageDecision
-from pipeline.core.expert_selection import (AUTO_EXPERTS, Candidate, CandidateResult, FitCache, Refit, Selection,
+from pipeline.core.expert_selection import (AUTO_EXPERTS, Candidate, CandidateResult, FitCache, Selection,
                                             candidate_specs, choose, default_candidates, make_validation_set,
-                                            refit_chosen, rotated)
+                                            rotated)
 from pipeline.core.task_id import select_keys
 from pipeline.core.training import CALIBRATION_RESERVE, calibrate, load_frames, load_task_images, routing_tokens
 from pipeline.data.datasets import labeled_test_images, list_images, read_mask
@@ -138,14 +136,11 @@ def benchmark_category(
     auto = [c for c in default_candidates(fit, None, None) if c.expert in experts]
     cache: FitCache = {}
     selections: list[tuple[float, Selection]] = []
-    kept: list[Refit] = []  # per selection: the expert a task would keep
     for budget_ms in (frame_budgets_ms if auto else ()):
         at_budget = training.at_frame_budget(budget_ms)
-        budget_s = at_budget.scaled_add_budget_s * (1 - CALIBRATION_RESERVE)
-        selection = choose(auto, fit, validation, backbones, model, at_budget, budget_s, speed, on_progress, cache)
-        selections.append((budget_ms, selection))
-        kept.append(refit_chosen(selection, fit, validation, backbones, model, at_budget, speed,
-                                 budget_s - selection.spent_seconds))
+        selections.append((budget_ms, choose(auto, fit, validation, backbones, model, at_budget,
+                                             at_budget.scaled_add_budget_s * (1 - CALIBRATION_RESERVE), speed,
+                                             on_progress, cache)))
     rows: list[BenchmarkRow] = []
 
     def emit(row: BenchmarkRow) -> BenchmarkRow:
@@ -200,19 +195,15 @@ def benchmark_category(
         if isinstance(expert, UCAD):  # the prompt ablation: the same knowledge without any prompt
             plain, plain_seconds = fit_here(name, spec, UCAD(replace(expert.config, prompt_epochs=0)))
             emit(judged(plain, spec, ImageDecision(), None, plain_seconds, "ablation", label="ucad (no prompt)"))
-    refitted: dict[Candidate, BenchmarkRow] = {}  # deterministic: two budgets refitting one candidate share a row
-    for (budget_ms, selection), refit in zip(selections, kept):
-        chosen, candidate = selection.chosen, selection.chosen.candidate
-        if refit.refitted and candidate not in refitted:
-            row = judged(refit.expert, chosen.spec, refit.decision, chosen, refit.seconds, chosen.status)
-            refitted[candidate] = replace(row, num_fit_images=refit.images, note=refit.detail)
-        elif not refit.refitted and candidate not in by_candidate:  # not tested among the candidates' rows: here, once
-            done = cache[candidate]
-            by_candidate[candidate] = judged(done.expert, chosen.spec, done.judgement.decision, chosen,
-                                             done.wall_seconds, chosen.status)
-        row = refitted[candidate] if refit.refitted else replace(by_candidate[candidate], note=refit.detail)
+    for budget_ms, selection in selections:
+        kept = selection.chosen.candidate
+        if kept not in by_candidate:  # not tested among the candidates' rows: tested here, once
+            done = cache[kept]
+            by_candidate[kept] = judged(done.expert, selection.chosen.spec, done.judgement.decision, selection.chosen,
+                                        done.wall_seconds, selection.chosen.status)
+        chosen = by_candidate[kept]
         label = "auto" if budget_ms == frame_budgets_ms[0] else f"auto@{budget_ms:g}ms"
-        emit(replace(row, expert=label, frame_budget_ms=budget_ms, status=chosen.status))
+        emit(replace(chosen, expert=label, frame_budget_ms=budget_ms, status=selection.chosen.status))
     return _with_spearman(rows)
 
 
