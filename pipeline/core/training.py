@@ -23,7 +23,7 @@ from pipeline.core.calibration import Calibration
 from pipeline.core.cost import MachineSpeed, counted
 from pipeline.core.decision import ImageDecision
 from pipeline.core.expert_selection import choose, default_candidates, make_validation_set
-from pipeline.core.audit import make_audit_set
+from pipeline.core.audit import AUDIT_MAX_NORMALS, make_audit_set
 from pipeline.core.task import TaskArtifacts
 from pipeline.core.task_id import KeyTaskIdentifier, select_keys, task_features
 from pipeline.data.datasets import list_images
@@ -75,7 +75,8 @@ def role_sizes(n: int, config: TrainingConfig, aligned: bool) -> dict[str, int]:
         "validation": round(n * config.validation_fraction),
         "calibration": round(n * config.calibration_fraction),
         "statistics": round(n * config.statistics_fraction) if aligned else 0,
-        "audit": min(round(n * config.audit_fraction), config.max_audit_images),
+        # never more than the audit set keeps: the rest would neither fit nor judge
+        "audit": min(round(n * config.audit_fraction), config.max_audit_images, AUDIT_MAX_NORMALS),
     }
     room = max(2, min(n - 2, int(n * config.max_held_out_fraction)))
     if sum(sizes.values()) > room:  # rounding of small folders: shared in proportion
