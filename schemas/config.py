@@ -151,6 +151,10 @@ class TrainingConfig(_Config):
                                          "task uses, all roles; unset: every usable image.")
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)
     min_validation_images: int = Field(default=30, ge=1)
+    validation_anomalies_per_normal: int = Field(default=4, ge=1, le=4, description="Synthetic anomalies made of "
+                                                 "each validation normal, each of another of the four families "
+                                                 "(pipeline.data.validation_anomalies): more steady the choice's "
+                                                 "scores and weigh every family alike; each costs validation time.")
     calibration_fraction: float = Field(default=0.2, gt=0, lt=1)
     min_calibration_images: int = Field(default=100, ge=1, description="A 1% false-alarm threshold needs "
                                         "about 100 held-out normals to be more than the highest score.")

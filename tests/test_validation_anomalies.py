@@ -14,6 +14,7 @@ from pipeline.data.validation_anomalies import (
     MIN_MEAN_CHANGE,
     make_validation_anomalies,
     make_validation_anomaly,
+    validation_anomalies,
     validation_anomaly,
 )
 
@@ -121,6 +122,26 @@ def test_batch_helper_is_seeded_per_image() -> None:
     other, _ = make_validation_anomalies(images, seed=12)
     assert not all(np.array_equal(a, b) for a, b in zip(out_a, other))
     assert make_validation_anomalies([], seed=0) == ([], [])
+
+
+def test_several_per_image_are_of_different_families_and_keep_the_first() -> None:
+    images = [textured(60, 100, True, seed=5), textured(90, 70, False, seed=6), textured(100, 100, False)]
+    single = validation_anomalies(images, seed=11)
+    for per_image in (2, 4):
+        several = validation_anomalies(images, seed=11, per_image=per_image)
+        assert len(several) == per_image * len(images)
+        for i, image in enumerate(images):
+            own = several[i * per_image : (i + 1) * per_image]  # image by image
+            for anomaly in own:
+                check(image, anomaly.image, anomaly.mask)
+            assert len({a.family for a in own}) == per_image  # each another kind of defect
+            # the first is the single draw: adding kinds never changes the anomalies already judged
+            assert np.array_equal(own[0].image, single[i].image) and own[0].family == single[i].family
+    every = validation_anomalies(images, seed=11, per_image=len(FAMILIES))
+    assert Counter(a.family for a in every) == Counter({family: len(images) for family in FAMILIES})
+    for per_image in (0, len(FAMILIES) + 1):
+        with pytest.raises(ValueError):
+            validation_anomalies(images, seed=11, per_image=per_image)
 
 
 def test_bad_input_is_refused() -> None:

@@ -33,8 +33,8 @@ import torch
 
 from pipeline.core.cost import MachineSpeed, Work, WorkLimitReached, counted
 from pipeline.core.decision import MIN_GAIN, ImageDecision, MapStatistics, choose_decision
-from pipeline.data.metrics import pixel_metrics
-from pipeline.data.validation_anomalies import make_validation_anomalies
+from pipeline.data.metrics import pixel_metrics, roc_auc
+from pipeline.data.validation_anomalies import validation_anomalies
 from pipeline.experts import EXPERT_TYPES, Expert, build_expert
 from pipeline.experts.ensemble import Ensemble, Member
 from pipeline.experts.frames import fit_batches, run_on_frames, view_batches
@@ -95,6 +95,7 @@ class CandidateResult:
     measured_fit_seconds: float = math.nan
     decision: str = ""  # the image decision chosen on validation (ImageDecision.describe)
     decision_aurocs: dict = field(default_factory=dict)  # validation image AUROC of every decision tried
+    family_aurocs: dict = field(default_factory=dict)  # validation image AUROC per synthetic anomaly family
     detail: str = ""
     summary: dict = field(default_factory=dict)
 
@@ -124,7 +125,8 @@ class CandidateResult:
                 "image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "score": self.score,
                 "ms_per_frame": self.ms_per_frame, "fit_seconds": self.fit_seconds,
                 "measured_ms_per_frame": self.measured_ms_per_frame, "measured_fit_seconds": self.measured_fit_seconds,
-                "decision": self.decision, "decision_aurocs": self.decision_aurocs, "detail": self.detail}
+                "decision": self.decision, "decision_aurocs": self.decision_aurocs,
+                "family_aurocs": self.family_aurocs, "detail": self.detail}
 
 
 @dataclass
@@ -146,6 +148,7 @@ class ValidationSet:
     anomalous: list[np.ndarray]
     masks: list[np.ndarray]  # one H x W bool mask per anomalous frame
     statistics: list[np.ndarray] = field(default_factory=list)  # normal frames for per-position map statistics
+    families: list[str] = field(default_factory=list)  # each anomalous frame's defect family ([]: not known)
 
     @property
     def frames(self) -> list[np.ndarray]:
@@ -156,9 +159,14 @@ class ValidationSet:
         return [False] * len(self.normal) + [True] * len(self.anomalous)
 
 
-def make_validation_set(normal: list[np.ndarray], seed: int, statistics: Sequence[np.ndarray] = ()) -> ValidationSet:
-    anomalous, masks = make_validation_anomalies(normal, seed)
-    return ValidationSet(normal, anomalous, masks, list(statistics))
+def make_validation_set(normal: list[np.ndarray], seed: int, statistics: Sequence[np.ndarray] = (),
+                        anomalies_per_normal: int = 1) -> ValidationSet:
+    """The validation normals and `anomalies_per_normal` synthetic anomalies of each, of different families
+    (pipeline.data.validation_anomalies): with a few dozen normals, one draw each moves a candidate's score
+    by several hundredths from seed to seed; more kinds per normal steady it and cover every family."""
+    anomalies = validation_anomalies(normal, seed, anomalies_per_normal)
+    return ValidationSet(normal, [a.image for a in anomalies], [a.mask for a in anomalies], list(statistics),
+                         [a.family for a in anomalies])
 
 
 # ------------------------------------------------------------------------------------------ candidates
@@ -237,6 +245,7 @@ class Judgement:
     # scale an ensemble divides this candidate's outputs by
     normal_score_spread: float = math.nan
     normal_map_spread: float = math.nan
+    family_aurocs: dict[str, float] = field(default_factory=dict)  # validation image AUROC per anomaly family
 
 
 def evaluate(expert: Expert, spec: InputSpec, validation: ValidationSet, backbones: Backbones,
@@ -253,7 +262,21 @@ def evaluate(expert: Expert, spec: InputSpec, validation: ValidationSet, backbon
     pixel_auroc = pixel_metrics(masks, outputs.maps)["pixel_auroc"]
     normal = len(validation.normal)
     return Judgement(aurocs[decision.describe()], pixel_auroc, decision, aurocs, work + statistics_work, wall,
-                     float(np.std(outputs.scores[:normal])), _pixel_spread(outputs.maps[:normal]))
+                     float(np.std(outputs.scores[:normal])), _pixel_spread(outputs.maps[:normal]),
+                     _family_aurocs(validation, decision.scores(outputs.scores, outputs.maps)))
+
+
+def _family_aurocs(validation: ValidationSet, scores: np.ndarray) -> dict[str, float]:
+    """Image AUROC of the validation normals against each family's anomalies alone: which kind of defect a
+    candidate misses."""
+    normal = scores[: len(validation.normal)]
+    anomalous = scores[len(validation.normal):]
+    families = np.asarray(validation.families)
+    aurocs = {}
+    for family in dict.fromkeys(validation.families):
+        of_family = anomalous[families == family]
+        aurocs[family] = roc_auc([False] * len(normal) + [True] * len(of_family), np.concatenate([normal, of_family]))
+    return aurocs
 
 
 def _pixel_spread(maps: Sequence[np.ndarray]) -> float:
@@ -432,6 +455,7 @@ def _record(result: CandidateResult, done: "Fitted", speed: MachineSpeed, judged
     result.ms_per_frame = 1000 * judged_s / judged_frames
     result.image_auroc, result.pixel_auroc = judgement.image_auroc, judgement.pixel_auroc
     result.decision, result.decision_aurocs = judgement.decision.describe(), judgement.decision_aurocs
+    result.family_aurocs = judgement.family_aurocs
     result.measured_ms_per_frame = 1000 * judgement.wall_seconds / validation_frames
     if result.ms_per_frame > training.expert_budget_ms:
         result.status, result.detail = "over_budget", f"{result.ms_per_frame:.0f} ms/frame > {training.expert_budget_ms:.0f}"

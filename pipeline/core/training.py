@@ -265,7 +265,8 @@ def train_task(
     on_progress(0.15, f"{len(keys)} task keys from the routing pass")
 
     candidates = default_candidates(frames["fit"], expert_name, spec)
-    validation = make_validation_set(frames["validation"], model.seed, frames["statistics"])
+    validation = make_validation_set(frames["validation"], model.seed, frames["statistics"],
+                                     training.validation_anomalies_per_normal)
     # The choice may use the add budget (scaled with the frame budget) but for the keys' pass already done
     # and what calibration and publishing need after it.
     budget_s = training.scaled_add_budget_s * (1.0 - CALIBRATION_RESERVE) - speed.seconds(keys_work, "dense")

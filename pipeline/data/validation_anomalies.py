@@ -93,17 +93,30 @@ def make_validation_anomaly(
     return anomaly.image, anomaly.mask
 
 
-def make_validation_anomalies(images: list[np.ndarray], seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """One anomaly per image, the family drawn per image. Image i uses its own generator spawned from
-    `seed` (SeedSequence(seed).spawn), so its anomaly depends on the seed and its position only, not on
-    the other images."""
-    children = np.random.SeedSequence(int(seed)).spawn(len(images))
-    altered, masks = [], []
-    for image, child in zip(images, children):
-        out, mask = make_validation_anomaly(image, np.random.default_rng(child))
-        altered.append(out)
-        masks.append(mask)
-    return altered, masks
+def validation_anomalies(images: list[np.ndarray], seed: int, per_image: int = 1) -> list[ValidationAnomaly]:
+    """`per_image` anomalies of each image, image by image, each of another family: the first's family is
+    drawn, the next ones follow it in FAMILIES' order, so every image shows several kinds of defect and the
+    families stay balanced. Image i uses generators spawned from `seed` (SeedSequence(seed).spawn) for its
+    position only, so its anomalies do not depend on the other images, and its first anomaly is the same
+    whatever `per_image` is."""
+    if not 1 <= per_image <= len(FAMILIES):
+        raise ValueError(f"per_image must be 1..{len(FAMILIES)} (one anomaly per family at most), got {per_image}")
+    anomalies = []
+    for image, child in zip(images, np.random.SeedSequence(int(seed)).spawn(len(images))):
+        first = validation_anomaly(image, np.random.default_rng(child))
+        anomalies.append(first)
+        start = FAMILIES.index(first.family)
+        for turn, grandchild in enumerate(child.spawn(per_image - 1), start=1):
+            family = FAMILIES[(start + turn) % len(FAMILIES)]
+            anomalies.append(validation_anomaly(image, np.random.default_rng(grandchild), family))
+    return anomalies
+
+
+def make_validation_anomalies(images: list[np.ndarray], seed: int,
+                              per_image: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(altered frames, masks) of `validation_anomalies`."""
+    anomalies = validation_anomalies(images, seed, per_image)
+    return [a.image for a in anomalies], [a.mask for a in anomalies]
 
 
 # ----------------------------------------------------------------------------------------- helpers

@@ -131,7 +131,8 @@ def benchmark_category(
     fit = images.frames["fit"]
     keys = select_keys(routing_tokens(backbones, fit, model, training.batch_size), model.num_keys, model.seed)
     test = _load_test(test_items, images.splits.unused, training.min_image_side)
-    validation = make_validation_set(images.frames["validation"], model.seed, images.frames["statistics"])
+    validation = make_validation_set(images.frames["validation"], model.seed, images.frames["statistics"],
+                                     training.validation_anomalies_per_normal)
 
     auto = [c for c in default_candidates(fit, None, None) if c.expert in experts]
     cache: FitCache = {}
