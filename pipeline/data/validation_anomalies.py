@@ -112,10 +112,9 @@ def validation_anomalies(images: list[np.ndarray], seed: int, per_image: int = 1
     return anomalies
 
 
-def make_validation_anomalies(images: list[np.ndarray], seed: int,
-                              per_image: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(altered frames, masks) of `validation_anomalies`."""
-    anomalies = validation_anomalies(images, seed, per_image)
+def make_validation_anomalies(images: list[np.ndarray], seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(altered frames, masks) of `validation_anomalies`, one per image."""
+    anomalies = validation_anomalies(images, seed)
     return [a.image for a in anomalies], [a.mask for a in anomalies]
 
 
