@@ -8,7 +8,7 @@ import math
 import pytest
 
 from pipeline.data.datasets import write_synthetic_category
-from pipeline.evaluation.benchmark import benchmark_category, markdown_table
+from pipeline.evaluation.benchmark import DEFECT_SIZE_EDGES, benchmark_category, markdown_table, size_bucket
 from pipeline.features.backbone import Backbones
 from schemas.config import ModelConfig, TrainingConfig
 
@@ -82,6 +82,25 @@ def test_per_defect_type_and_the_trust_in_validation_are_reported(rows) -> None:
     assert len(spearman) == 1  # one value per category, on every row
     table = markdown_table(rows)
     assert "Spearman" in table and "synthetic (6)" in table and "FAR normals" in table
+
+
+def test_recall_per_defect_size_adds_up_and_the_highest_normals_are_named(rows) -> None:
+    for row in (r for r in rows if not math.isnan(r.image_auroc)):
+        sizes = row.per_defect_size
+        assert sum(v["count"] for v in sizes.values()) == 6  # every synthetic defect has a mask
+        smallest_first = [size_bucket(share) for share in (0.0, *DEFECT_SIZE_EDGES)]
+        assert list(sizes) == [bucket for bucket in smallest_first if bucket in sizes]
+        # the buckets partition the anomalies: their recalls, weighted by count, are the row's
+        for key, total in (("recall_at_threshold", row.recall_at_threshold), ("recall_at_1pct_far", row.recall_at_1pct_far)):
+            assert sum(v[key] * v["count"] for v in sizes.values()) / 6 == pytest.approx(total)
+        normals = row.highest_normals
+        assert len(normals) == 5 and [n["score"] for n in normals] == sorted((n["score"] for n in normals), reverse=True)
+        assert all(n["image"].startswith(("test/good/", "train/good/")) for n in normals)
+        above = sum(n["above_threshold"] for n in normals)
+        # of 14 normals, those the threshold flags are the highest-scoring ones
+        assert above == min(5, round(row.far_at_threshold * row.num_far_normals))
+    table = markdown_table(rows)
+    assert "highest-scoring normals" in table and ("test/good/" in table or "train/good/" in table)
 
 
 def test_operating_point_uses_test_good_plus_unused_training_normals(rows) -> None:

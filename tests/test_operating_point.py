@@ -1,5 +1,5 @@
-"""Operating-point metrics: the strict decision rule, NaN for empty classes, and the ROC-based
-recall at a false-alarm budget against scikit-learn on data with ties."""
+"""Operating-point metrics: the strict decision rule, NaN for empty classes, the ROC-based recall at a
+false-alarm budget against scikit-learn on data with ties, and the score cut of that ROC point."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from pipeline.data.metrics import operating_point, recall_at_false_alarm_rate
+from pipeline.data.metrics import false_alarm_cut, operating_point, recall_at_false_alarm_rate
 
 
 def test_operating_point_is_strict_and_counts_per_class() -> None:
@@ -66,3 +66,29 @@ def test_recall_at_false_alarm_rate_edges_and_consistency_with_operating_point()
     assert math.isnan(recall_at_false_alarm_rate([0, 0], [0.1, 0.2]))
     with pytest.raises(ValueError):
         recall_at_false_alarm_rate(labels, scores, 1.5)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_false_alarm_cut_reaches_the_roc_point_of_recall_at_false_alarm_rate(seed: int) -> None:
+    """Flagging scores above the cut gives exactly that point's recall and at most its false alarms, ties
+    included: the per-subset recall (e.g. per defect size) is then mean(subset > cut)."""
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(20, 400))
+    labels = rng.random(n) < rng.uniform(0.1, 0.6)
+    labels[:2] = [True, False]
+    scores = np.round(rng.normal(labels * rng.uniform(0.5, 2.0), 1.0), int(rng.integers(0, 2)))
+    for far in (0.0, 0.001, 0.01, 0.05, 0.1, 0.3, 1.0):
+        cut = false_alarm_cut(scores[~labels], far)
+        assert np.mean(scores[labels] > cut) == recall_at_false_alarm_rate(labels, scores, far)
+        assert np.mean(scores[~labels] > cut) <= far
+
+
+def test_false_alarm_cut_edges() -> None:
+    assert false_alarm_cut([0.1, 0.5, 0.9], 0.0) == 0.9
+    assert false_alarm_cut([0.1, 0.5, 0.9], 0.34) == 0.5  # one of three may be flagged
+    assert false_alarm_cut([0.1, 0.5, 0.9], 1.0) == -math.inf  # every normal may be flagged
+    for bad in ([], [0.1, math.nan]):
+        with pytest.raises(ValueError):
+            false_alarm_cut(bad, 0.01)
+    with pytest.raises(ValueError):
+        false_alarm_cut([0.1], 1.5)

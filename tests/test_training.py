@@ -263,6 +263,11 @@ def test_calibration_uses_only_the_calibration_split(trained, backbones: Backbon
         np.testing.assert_allclose(calibration.normal_map_peaks, peaks, rtol=1e-5)
         assert calibration.task_bound == pytest.approx(distances.max() * MODEL.unknown_slack, rel=1e-5)
         assert calibration.threshold in calibration.normal_scores
+        # the calibration normals that score highest are named, highest first, with their scores
+        highest = artifacts.meta["highest_calibration_normals"]
+        assert [n["image"] for n in highest] and {n["image"] for n in highest} <= set(names["calibration"])
+        np.testing.assert_allclose([n["score"] for n in highest], scores[::-1][: len(highest)], rtol=1e-5)
+        assert [n["above_threshold"] for n in highest] == [n["score"] > calibration.threshold for n in highest]
         # The fit and validation images give other scores: they were not what the calibration measured.
         other, _, _ = scores_of("fit")
         assert not np.allclose(other[: len(scores)], scores, rtol=1e-3)

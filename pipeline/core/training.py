@@ -48,6 +48,10 @@ MIN_STATISTICS_IMAGES = 5  # fewer maps give no per-position spread worth dividi
 _LISTED_SKIPS = 10  # skipped files named in an error message; the rest are counted
 ROLES = ("fit", "validation", "calibration", "statistics", "audit")
 CALIBRATION_RESERVE = 0.2  # of the add budget, kept for calibrating the chosen expert and publishing
+# Normals named by their score, highest first (the task's calibration normals, the bench's false-alarm
+# normals): at a 1% target two or three of them set the threshold, and one stained or dirty "normal" image
+# among them sets what the line catches. Named, an operator can look at them.
+HIGHEST_NORMALS_NAMED = 5
 
 
 @dataclass(frozen=True)
@@ -276,8 +280,9 @@ def train_task(
     on_progress(0.8, f"chose {chosen.expert} at {chosen.spec.describe()} with {chosen.decision}: validation score "
                      f"{chosen.score:.4f}, {chosen.ms_per_frame:.0f} ms/frame (" + "; ".join(r.line() for r in results) + ")")
 
-    calibration = calibrate(expert, chosen.spec, backbones, keys, frames["calibration"], model, training,
-                            false_alarm_rate, selection.decision)
+    calibration, calibration_scores = calibrate(expert, chosen.spec, backbones, keys, frames["calibration"], model,
+                                                training, false_alarm_rate, selection.decision)
+    highest = highest_normals([p.name for p in splits.calibration], calibration_scores, calibration.threshold)
     meta = {
         "train_dir": str(train_dir),
         "max_train_images": max_train_images,
@@ -291,6 +296,7 @@ def train_task(
         "fit_seconds": round(time.perf_counter() - started, 3),
         "expert_ms_per_frame": round(chosen.ms_per_frame, 2),
         "image_decision": chosen.decision,
+        "highest_calibration_normals": highest,
         "expert_choice": [r.as_dict() for r in results],
         "fit_summary": summary,
         "model_config": model.model_dump(),
@@ -299,23 +305,32 @@ def train_task(
                            chosen.spec)
     meta["num_audit_frames"] = 0 if audit is None else len(audit.frames)
     on_progress(1.0, f"threshold {calibration.threshold:.4f} (implied false-alarm rate {calibration.implied_false_alarm_rate:.3f})"
-                     f"; audit set of {meta['num_audit_frames']} frames")
+                     f"; audit set of {meta['num_audit_frames']} frames; highest calibration normals "
+                     + ", ".join(f"{n['image']} ({n['score']:.4g})" for n in highest))
     return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta, chosen.spec,
                          None if audit is None else audit.to_bytes(), selection.decision)
 
 
 def calibrate(expert: Expert, spec: InputSpec, backbones: Backbones, keys: np.ndarray, images: list[np.ndarray],
               model: ModelConfig, training: TrainingConfig, far: float,
-              decision: ImageDecision | None = None) -> Calibration:
+              decision: ImageDecision | None = None) -> tuple[Calibration, np.ndarray]:
     """Thresholds from the calibration frames through the live path (frame-resolution maps, the task's
-    image decision), and the unknown bound from their routing distances to the task's own keys."""
+    image decision), and the unknown bound from their routing distances to the task's own keys; and each
+    frame's image score, in the order of `images`."""
     outputs = run_on_frames(expert, spec, backbones, images, training.batch_size)
     scores = (decision or ImageDecision()).scores(outputs.scores, outputs.maps)
     peaks = np.array([float(m.max()) for m in outputs.maps])
     identifier = KeyTaskIdentifier({"self": keys}, {"self": float("inf")})
     distances = identifier.distances(routing_tokens(backbones, images, model, training.batch_size))[:, 0].numpy()
-    return Calibration.from_normals(scores, peaks, distances, far, model.unknown_slack)
+    return Calibration.from_normals(scores, peaks, distances, far, model.unknown_slack), scores
 
 
-__all__ = ["MIN_TASK_IMAGES", "ROLES", "role_sizes", "Splits", "TaskImages", "UnusableImage", "calibrate", "describe_skipped",
+def highest_normals(names: Sequence[str], scores: np.ndarray, threshold: float) -> list[dict]:
+    """The HIGHEST_NORMALS_NAMED highest-scoring normals, highest first: {image, score, above_threshold}."""
+    highest = np.argsort(-np.asarray(scores), kind="stable")[:HIGHEST_NORMALS_NAMED]
+    return [{"image": names[i], "score": float(scores[i]), "above_threshold": bool(scores[i] > threshold)}
+            for i in highest]
+
+
+__all__ = ["HIGHEST_NORMALS_NAMED", "MIN_TASK_IMAGES", "ROLES", "role_sizes", "Splits", "TaskImages", "UnusableImage", "calibrate", "describe_skipped", "highest_normals",
            "load_frames", "load_task_images", "read_training_image", "routing_tokens", "split_roles", "train_task"]

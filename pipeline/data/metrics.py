@@ -3,6 +3,7 @@ accuracy and latency percentiles."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -293,3 +294,18 @@ def recall_at_false_alarm_rate(labels: Sequence[bool | int], scores: Sequence[fl
     tpr = np.concatenate(([0.0], np.cumsum(pos) / n_pos))
     fpr = np.concatenate(([0.0], np.cumsum(neg) / n_neg))
     return float(tpr[fpr <= far].max())
+
+
+def false_alarm_cut(normal_scores: Sequence[float], far: float = 0.01) -> float:
+    """The score a frame must exceed to be flagged at the ROC point recall_at_false_alarm_rate picks:
+    the highest normal score that point leaves unflagged (-inf when `far` allows flagging every normal).
+    So the recall of any subset of anomalies at that point is mean(scores > cut), e.g. per defect size."""
+    far = float(far)
+    if not 0.0 <= far <= 1.0:
+        raise ValueError(f"far must be in [0, 1], got {far}")
+    normals = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
+    if normals.size == 0 or not np.all(np.isfinite(normals)):
+        raise ValueError("false_alarm_cut needs at least one normal score, all finite")
+    counts = np.arange(normals.size + 1)
+    allowed = int(counts[counts / normals.size <= far].max())  # the same comparison as the ROC's
+    return float(normals[allowed]) if allowed < normals.size else -math.inf

@@ -15,7 +15,9 @@ expert, spec): fit time, ms per frame (measured on the test frames: views, backb
 stored state size, validation score, image AUROC / AP, pixel AUROC, AUPRO, pixel AP and F1-max
 (full-resolution masks), and the operating point: recall and false-alarm rate at the calibrated threshold
 and recall at 1% false alarms from the ROC, over every test anomaly and every normal no role used; per
-defect type (each test/<type>), image AUROC against those normals and recall at the threshold. Per
+defect type (each test/<type>), image AUROC against those normals and recall at the threshold; per
+defect size (the mask's share of the frame, where the category has masks), recall at the threshold and at
+1% false alarms; and the normals that score highest, by name (those that set the 1% point). Per
 category, the Spearman rank correlation between validation score and test image AUROC over the tested
 candidates ("fitted" or "all") says whether the choice can be trusted. One more row per frame budget repeats the candidate
 the automatic choice kept, as `auto` (default budget) and `auto@<ms>ms`; it was chosen without test labels.
@@ -38,9 +40,11 @@ from pipeline.core.expert_selection import (AUTO_EXPERTS, Candidate, CandidateRe
                                             candidate_specs, choose, default_candidates, make_validation_set,
                                             rotated)
 from pipeline.core.task_id import select_keys
-from pipeline.core.training import CALIBRATION_RESERVE, calibrate, load_frames, load_task_images, routing_tokens
+from pipeline.core.training import (CALIBRATION_RESERVE, calibrate, highest_normals, load_frames, load_task_images,
+                                    routing_tokens)
 from pipeline.data.datasets import labeled_test_images, list_images, read_mask
-from pipeline.data.metrics import image_metrics, operating_point, pixel_metrics, recall_at_false_alarm_rate, roc_auc
+from pipeline.data.metrics import (false_alarm_cut, image_metrics, operating_point, pixel_metrics,
+                                   recall_at_false_alarm_rate, roc_auc)
 from pipeline.experts import Expert, build_expert
 from pipeline.experts.ucad import UCAD
 from pipeline.experts.frames import fit_batches, run_on_frames
@@ -54,6 +58,9 @@ FAR_TARGET = 0.01
 FAR_NORMALS = 250  # normals behind the false-alarm rates, test/good plus held-back train/good, where they exist
 MAX_HOLD_BACK_FRACTION = 0.25  # of train/good: the roles keep the rest
 GPU_CLASS_FRAME_BUDGET_MS = 2500.0  # about what a GPU does in ~25 ms, measured here
+# Defect sizes, as the share of the frame its mask covers: the upper edges of the buckets but the last. A
+# share, not pixels, so frames of any resolution compare (0.02% of a 1130 x 460 frame is 104 px).
+DEFECT_SIZE_EDGES = (0.0002, 0.001, 0.005)
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,8 @@ class BenchmarkRow:
     decision: str = ""  # the image decision (chosen on validation)
     estimated_ms_per_frame: float = math.nan  # what the budget judged (pipeline.core.cost)
     per_defect_type: dict = field(default_factory=dict)  # type -> {image_auroc, recall_at_threshold}
+    per_defect_size: dict = field(default_factory=dict)  # size bucket -> {count, recall_at_threshold, recall_at_1pct_far}
+    highest_normals: list = field(default_factory=list)  # [{image, score, above_threshold}], highest score first
     validation_test_spearman: float = math.nan  # per category, over its fitted candidates
 
 
@@ -94,6 +103,12 @@ class _TestData:
     defect_types: list[str]  # "good" for normals
     masks: list[np.ndarray] | None  # None: the category has no pixel masks (pixel metrics are NaN)
     extra_normals: list[np.ndarray]  # held-back train/good frames
+    names: list[str]  # "test/good/003.png": the test frames' files, below the category's folder
+    extra_names: list[str]  # "train/good/570.png": the held-back frames' files
+
+    def normal_names(self) -> list[str]:
+        """The false-alarm normals' names, in the order of their scores in _evaluate."""
+        return [name for name, label in zip(self.names, self.labels) if not label] + self.extra_names
 
 
 def hold_back_count(num_train: int, num_test_good: int) -> int:
@@ -241,15 +256,20 @@ def _load_test(items, unused: Sequence[Path], min_side: int) -> _TestData:
     frames = [decode_image(item.path.read_bytes(), _MAX_PIXELS) for item in items]
     has_masks = any(item.mask_path is not None for item in items)
     masks = [read_mask(item.mask_path, frame.shape[:2]) for item, frame in zip(items, frames)] if has_masks else None
-    extra, _, _ = load_frames(unused, min_side)
-    return _TestData(frames, [item.is_anomalous for item in items], [item.defect for item in items], masks, extra)
+    extra, kept, _ = load_frames(unused, min_side)
+    return _TestData(frames, [item.is_anomalous for item in items], [item.defect for item in items], masks, extra,
+                     [_name(item.path) for item in items], [_name(path) for path in kept])
+
+
+def _name(path: Path) -> str:
+    return f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
 
 
 def _evaluate(category: str, expert: Expert, spec: InputSpec, decision: ImageDecision, label: str, status: str,
               fit_seconds: float, validation_score: float, num_fit: int, test: _TestData, backbones: Backbones,
               keys: np.ndarray, calibration_frames: list[np.ndarray], model: ModelConfig,
               training: TrainingConfig) -> BenchmarkRow:
-    calibration = calibrate(expert, spec, backbones, keys, calibration_frames, model, training, FAR_TARGET, decision)
+    calibration, _ = calibrate(expert, spec, backbones, keys, calibration_frames, model, training, FAR_TARGET, decision)
     started = time.perf_counter()
     outputs = run_on_frames(expert, spec, backbones, test.frames, training.batch_size)
     scores = decision.scores(outputs.scores, outputs.maps)
@@ -278,18 +298,53 @@ def _evaluate(category: str, expert: Expert, spec: InputSpec, decision: ImageDec
         recall_at_threshold=point["recall"], far_at_threshold=point["false_alarm_rate"],
         recall_at_1pct_far=recall_at_false_alarm_rate(op_labels, op_scores, FAR_TARGET), note=note,
         decision=decision.describe(), per_defect_type=_per_defect_type(test, scores, extra, calibration.threshold),
+        per_defect_size=_per_defect_size(test, scores, extra, calibration.threshold),
+        highest_normals=_highest_normals(test, scores, extra, calibration.threshold),
     )
 
 
 def _per_defect_type(test: _TestData, scores: np.ndarray, extra: np.ndarray, threshold: float) -> dict:
     """Per test/<type>: image AUROC of its frames against every normal, and recall at the threshold."""
-    normal = np.concatenate([scores[[not label for label in test.labels]], extra])
+    normal = _normal_scores(test, scores, extra)
     out = {}
     for defect in sorted({d for d, label in zip(test.defect_types, test.labels) if label}):
         mine = scores[[d == defect for d in test.defect_types]]
         out[defect] = {"image_auroc": roc_auc([False] * len(normal) + [True] * len(mine), np.concatenate([normal, mine])),
                        "recall_at_threshold": float(np.mean(mine > threshold)), "count": int(len(mine))}
     return out
+
+
+def _normal_scores(test: _TestData, scores: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    return np.concatenate([scores[[not label for label in test.labels]], extra])
+
+
+def size_bucket(share: float) -> str:
+    """The DEFECT_SIZE_EDGES bucket of a mask covering `share` of its frame, e.g. '0.02-0.1%'."""
+    edges = [0.0, *DEFECT_SIZE_EDGES]
+    for low, high in zip(edges, DEFECT_SIZE_EDGES):
+        if share < high:
+            return f"< {high:.2%}" if low == 0 else f"{low:.2%}-{high:.2%}"
+    return f">= {DEFECT_SIZE_EDGES[-1]:.2%}"
+
+
+def _per_defect_size(test: _TestData, scores: np.ndarray, extra: np.ndarray, threshold: float) -> dict:
+    """Per size bucket of the anomalies' masks (smallest first; none without masks): their count, recall at
+    the threshold and at 1% false alarms over every normal. Which defects a line misses is often a size."""
+    if test.masks is None:
+        return {}
+    cut = false_alarm_cut(_normal_scores(test, scores, extra), FAR_TARGET)
+    anomalous = [i for i, label in enumerate(test.labels) if label and test.masks[i].any()]
+    buckets: dict[str, list[float]] = {}
+    for share, i in sorted((float(test.masks[i].mean()), i) for i in anomalous):
+        buckets.setdefault(size_bucket(share), []).append(float(scores[i]))
+    return {bucket: {"count": len(values), "recall_at_threshold": float(np.mean(np.array(values) > threshold)),
+                     "recall_at_1pct_far": float(np.mean(np.array(values) > cut))}
+            for bucket, values in buckets.items()}
+
+
+def _highest_normals(test: _TestData, scores: np.ndarray, extra: np.ndarray, threshold: float) -> list[dict]:
+    """The highest-scoring normals behind the false-alarm rates, by file (highest_normals)."""
+    return highest_normals(test.normal_names(), _normal_scores(test, scores, extra), threshold)
 
 
 def _pixel_metrics(masks: list[np.ndarray] | None, maps: list[np.ndarray]) -> dict[str, float]:
@@ -323,15 +378,20 @@ def markdown_table(rows: Sequence[BenchmarkRow]) -> str:
 
 
 def _defect_lines(rows: Sequence[BenchmarkRow]) -> list[str]:
-    """Per defect type of the automatic rows: image AUROC / recall at the threshold."""
+    """Of the automatic rows: per defect type, image AUROC / recall at the threshold; per defect size, recall
+    at the threshold / at 1% false alarms; the normals that score highest (* above the threshold)."""
     auto = [r for r in rows if r.expert.startswith("auto") and r.per_defect_type]
     if not auto:
         return []
-    lines = ["", "| category | row | defect type (count): image AUROC / recall @thr |", "|---|---|---|"]
+    lines = ["", "| category | row | defect type (count): image AUROC / recall @thr | defect size, share of the frame "
+                 "(count): recall @thr / @1% FAR | highest-scoring normals (* above the threshold) |", "|---|---|---|---|---|"]
     for r in auto:
-        cells = ", ".join(f"{t} ({v['count']}): {_cell(v['image_auroc'], 3)} / {_cell(v['recall_at_threshold'], 2)}"
+        types = ", ".join(f"{t} ({v['count']}): {_cell(v['image_auroc'], 3)} / {_cell(v['recall_at_threshold'], 2)}"
                           for t, v in r.per_defect_type.items())
-        lines.append(f"| {r.category} | {r.expert} | {cells} |")
+        sizes = ", ".join(f"{b} ({v['count']}): {_cell(v['recall_at_threshold'], 2)} / {_cell(v['recall_at_1pct_far'], 2)}"
+                          for b, v in r.per_defect_size.items()) or "n/a"
+        normals = ", ".join(f"{n['image']} {n['score']:.4g}{'*' if n['above_threshold'] else ''}" for n in r.highest_normals)
+        lines.append(f"| {r.category} | {r.expert} | {types} | {sizes} | {normals} |")
     return lines
 
 

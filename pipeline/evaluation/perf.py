@@ -79,7 +79,7 @@ def fit_perf_task(category: str, images: Sequence[np.ndarray], expert_name: str,
     keys = select_keys(routing_tokens(backbones, fit, model, training.batch_size), model.num_keys, model.seed)
     expert = build_expert(expert_name, model)
     expert.fit(fit_batches(fit, spec, backbones, training.batch_size), backbones.for_spec(spec.backbone))
-    calibration = calibrate(expert, spec, backbones, keys, calibration_frames, model, training, 0.01)
+    calibration, _ = calibrate(expert, spec, backbones, keys, calibration_frames, model, training, 0.01)
     artifacts = TaskArtifacts(category, expert_name, keys, b"", calibration, {}, spec)
     entry = TaskEntry(category=category, task_version=1, expert=expert_name, blobs={}, blob_sizes={},
                       published_at=datetime.now(timezone.utc))
