@@ -332,5 +332,6 @@ def highest_normals(names: Sequence[str], scores: np.ndarray, threshold: float) 
             for i in highest]
 
 
-__all__ = ["HIGHEST_NORMALS_NAMED", "MIN_TASK_IMAGES", "ROLES", "role_sizes", "Splits", "TaskImages", "UnusableImage", "calibrate", "describe_skipped", "highest_normals",
-           "load_frames", "load_task_images", "read_training_image", "routing_tokens", "split_roles", "train_task"]
+__all__ = ["HIGHEST_NORMALS_NAMED", "MIN_TASK_IMAGES", "ROLES", "role_sizes", "Splits", "TaskImages", "UnusableImage",
+           "calibrate", "describe_skipped", "highest_normals", "load_frames", "load_task_images", "read_training_image",
+           "routing_tokens", "split_roles", "train_task"]
