@@ -284,28 +284,28 @@ def recall_at_false_alarm_rate(labels: Sequence[bool | int], scores: Sequence[fl
     point is reachable by the pipeline's strict rule "score > threshold" with a threshold just below
     t (np.nextafter(t, -np.inf)). NaN when either class is empty.
     """
-    far = float(far)
-    if not 0.0 <= far <= 1.0:
-        raise ValueError(f"far must be in [0, 1], got {far}")
-    pos, neg = _ranked_counts(*_check_binary_scores(labels, scores))
-    n_pos, n_neg = pos.sum(), neg.sum()
-    if n_pos == 0 or n_neg == 0:
+    far = _check_far(far)
+    positive, values = _check_binary_scores(labels, scores)
+    if positive.all() or not positive.any():
         return float("nan")
-    tpr = np.concatenate(([0.0], np.cumsum(pos) / n_pos))
-    fpr = np.concatenate(([0.0], np.cumsum(neg) / n_neg))
-    return float(tpr[fpr <= far].max())
+    return float(np.mean(values[positive] > false_alarm_cut(values[~positive], far)))
 
 
 def false_alarm_cut(normal_scores: Sequence[float], far: float = 0.01) -> float:
     """The score a frame must exceed to be flagged at the ROC point recall_at_false_alarm_rate picks:
     the highest normal score that point leaves unflagged (-inf when `far` allows flagging every normal).
     So the recall of any subset of anomalies at that point is mean(scores > cut), e.g. per defect size."""
-    far = float(far)
-    if not 0.0 <= far <= 1.0:
-        raise ValueError(f"far must be in [0, 1], got {far}")
+    far = _check_far(far)
     normals = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
-    if normals.size == 0 or not np.all(np.isfinite(normals)):
-        raise ValueError("false_alarm_cut needs at least one normal score, all finite")
+    if normals.size == 0 or np.isnan(normals).any():
+        raise ValueError("false_alarm_cut needs at least one normal score, none NaN")
     counts = np.arange(normals.size + 1)
     allowed = int(counts[counts / normals.size <= far].max())  # the same comparison as the ROC's
     return float(normals[allowed]) if allowed < normals.size else -math.inf
+
+
+def _check_far(far: float) -> float:
+    far = float(far)
+    if not 0.0 <= far <= 1.0:
+        raise ValueError(f"far must be in [0, 1], got {far}")
+    return far

@@ -282,6 +282,7 @@ def _evaluate(category: str, expert: Expert, spec: InputSpec, decision: ImageDec
     op_labels = test.labels + [False] * len(extra)
     op_scores = np.concatenate([scores, extra])
     point = operating_point(op_labels, op_scores, calibration.threshold)
+    normals = np.concatenate([scores[[not label for label in test.labels]], extra])  # in test.normal_names() order
     pixels = _pixel_metrics(test.masks, outputs.maps)
     image = image_metrics(test.labels, scores)
     summary = expert.fit_summary()
@@ -297,25 +298,20 @@ def _evaluate(category: str, expert: Expert, spec: InputSpec, decision: ImageDec
         validation_score=validation_score, image_auroc=image["image_auroc"], image_ap=image["image_ap"], **pixels,
         recall_at_threshold=point["recall"], far_at_threshold=point["false_alarm_rate"],
         recall_at_1pct_far=recall_at_false_alarm_rate(op_labels, op_scores, FAR_TARGET), note=note,
-        decision=decision.describe(), per_defect_type=_per_defect_type(test, scores, extra, calibration.threshold),
-        per_defect_size=_per_defect_size(test, scores, extra, calibration.threshold),
-        highest_normals=_highest_normals(test, scores, extra, calibration.threshold),
+        decision=decision.describe(), per_defect_type=_per_defect_type(test, scores, normals, calibration.threshold),
+        per_defect_size=_per_defect_size(test, scores, normals, calibration.threshold),
+        highest_normals=highest_normals(test.normal_names(), normals, calibration.threshold),
     )
 
 
-def _per_defect_type(test: _TestData, scores: np.ndarray, extra: np.ndarray, threshold: float) -> dict:
+def _per_defect_type(test: _TestData, scores: np.ndarray, normal: np.ndarray, threshold: float) -> dict:
     """Per test/<type>: image AUROC of its frames against every normal, and recall at the threshold."""
-    normal = _normal_scores(test, scores, extra)
     out = {}
     for defect in sorted({d for d, label in zip(test.defect_types, test.labels) if label}):
         mine = scores[[d == defect for d in test.defect_types]]
         out[defect] = {"image_auroc": roc_auc([False] * len(normal) + [True] * len(mine), np.concatenate([normal, mine])),
                        "recall_at_threshold": float(np.mean(mine > threshold)), "count": int(len(mine))}
     return out
-
-
-def _normal_scores(test: _TestData, scores: np.ndarray, extra: np.ndarray) -> np.ndarray:
-    return np.concatenate([scores[[not label for label in test.labels]], extra])
 
 
 def size_bucket(share: float) -> str:
@@ -327,24 +323,19 @@ def size_bucket(share: float) -> str:
     return f">= {DEFECT_SIZE_EDGES[-1]:.2%}"
 
 
-def _per_defect_size(test: _TestData, scores: np.ndarray, extra: np.ndarray, threshold: float) -> dict:
+def _per_defect_size(test: _TestData, scores: np.ndarray, normals: np.ndarray, threshold: float) -> dict:
     """Per size bucket of the anomalies' masks (smallest first; none without masks): their count, recall at
     the threshold and at 1% false alarms over every normal. Which defects a line misses is often a size."""
     if test.masks is None:
         return {}
-    cut = false_alarm_cut(_normal_scores(test, scores, extra), FAR_TARGET)
+    cut = false_alarm_cut(normals, FAR_TARGET)
     anomalous = [i for i, label in enumerate(test.labels) if label and test.masks[i].any()]
     buckets: dict[str, list[float]] = {}
     for share, i in sorted((float(test.masks[i].mean()), i) for i in anomalous):
         buckets.setdefault(size_bucket(share), []).append(float(scores[i]))
-    return {bucket: {"count": len(values), "recall_at_threshold": float(np.mean(np.array(values) > threshold)),
-                     "recall_at_1pct_far": float(np.mean(np.array(values) > cut))}
+    return {bucket: {"count": len(values), "recall_at_threshold": float(np.mean(np.greater(values, threshold))),
+                     "recall_at_1pct_far": float(np.mean(np.greater(values, cut)))}
             for bucket, values in buckets.items()}
-
-
-def _highest_normals(test: _TestData, scores: np.ndarray, extra: np.ndarray, threshold: float) -> list[dict]:
-    """The highest-scoring normals behind the false-alarm rates, by file (highest_normals)."""
-    return highest_normals(test.normal_names(), _normal_scores(test, scores, extra), threshold)
 
 
 def _pixel_metrics(masks: list[np.ndarray] | None, maps: list[np.ndarray]) -> dict[str, float]:
