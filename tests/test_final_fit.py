@@ -113,3 +113,22 @@ def test_the_choice_keeps_room_in_the_add_budget_for_the_final_fit(split, backbo
     assert fit_final(kept, fit, validation, backbones, MODEL, TRAINING, budget_s, SPEED).status == "refit"
     off = choose(candidates, fit, validation, backbones, MODEL, TrainingConfig(final_fit=False), budget_s, SPEED)
     assert "kept for the final fit" not in off.results[1].detail  # without a final fit no room is kept
+
+
+def test_no_room_is_kept_for_a_final_fit_that_cannot_happen(split, backbones) -> None:
+    """The first candidate is always fitted; when its final fit no longer fits in the budget, keeping room
+    for it would only cost later candidates their turn: the choice is then the one without a final fit."""
+    fit, validation, _ = split
+    spec = candidate_specs("patchcore", fit)[0]
+    candidates = [Candidate("patchcore", spec), Candidate("patchcore", spec, 4)]
+    alone = choose(candidates[:1], fit, validation, backbones, MODEL, TRAINING, budget_s=1e6, speed=SPEED)
+    first = alone.chosen
+    budget_s = alone.spent_s + 0.5 * _final_fit_seconds(first.fit_seconds, first.ms_per_frame, len(fit), validation,
+                                                         TRAINING)
+    with_final = choose(candidates, fit, validation, backbones, MODEL, TRAINING, budget_s, SPEED)
+    without = choose(candidates, fit, validation, backbones, MODEL, TrainingConfig(final_fit=False), budget_s, SPEED)
+    assert [(r.status, r.detail, r.score) for r in with_final.results] == [(r.status, r.detail, r.score)
+                                                                          for r in without.results]
+    assert "kept for the final fit" not in with_final.results[1].detail
+    assert fit_final(with_final, fit, validation, backbones, MODEL, TRAINING, budget_s, SPEED).status == "kept"
+

@@ -347,8 +347,9 @@ def choose(
     estimated expert stage is over the per-frame budget (the backbone probe times the expert's overhead on
     an earlier spec, when there is one), or when the work so far plus its estimated fit (the most seconds
     per fit view of the same expert so far, else of any, times its views) and validation would pass
-    `budget_s`, room for the final fit kept (with `training.final_fit`: the costliest single candidate's
-    fit again, on the frames fit_final adds as well). If no fitted candidate is
+    `budget_s` with room kept for the final fit (with `training.final_fit`: the costliest final fit, of
+    those fitted so far, that still fitted in the budget when its candidate was fitted; fit_final). If no
+    fitted candidate is
     within the per-frame budget, the fastest fitted one is kept and says so: adding a task never fails
     for want of CPU. `cache`: candidates fitted by an earlier choice on the same data, reused (and filled)."""
     cache = {} if cache is None else cache
@@ -367,7 +368,7 @@ def choose(
     seconds_per_view: dict[str, list[float]] = {}  # expert -> estimated fit seconds per fit view, per fit
     spent_s = 0.0  # estimated seconds of the work done so far
     judged_frames = len(validation.frames) + len(validation.statistics)
-    reserve_s = 0.0  # kept for fit_final: the most any fitted single candidate's final fit would cost
+    reserve_s = 0.0  # kept for fit_final: the costliest final fit that can still happen
     features: dict[tuple[InputSpec, int], list] = {}  # fit features per (spec, orientations), shared by experts
     for step, index in enumerate(order):
         candidate = candidates[index]
@@ -381,14 +382,13 @@ def choose(
             # more (FCDD vs PatchCore), so a mean over experts overran and another expert's most overstates
             known = seconds_per_view.get(candidate.expert) or [v for per in seconds_per_view.values() for v in per]
             fit_estimate = max(known, default=0.0) * views[candidate.spec] * candidate.orientations
-            room_s = max(reserve_s, _final_fit_seconds(fit_estimate, estimate, len(fit_frames), validation, training))
             if estimate > training.expert_budget_ms:
                 result.status, result.ms_per_frame = "over_budget", estimate
                 result.detail = f"estimated {estimate:.0f} ms/frame (backbone {probe:.0f}) > {training.expert_budget_ms:.0f}"
-            elif spent_s + fit_estimate + estimate * judged_frames / 1000 + room_s > budget_s:
+            elif spent_s + fit_estimate + estimate * judged_frames / 1000 + reserve_s > budget_s:
                 result.status = "skipped"
                 result.detail = (f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far, "
-                                 f"fit estimated {fit_estimate:.0f} s, {room_s:.0f} s kept for the final fit)")
+                                 f"fit estimated {fit_estimate:.0f} s" + _kept(reserve_s) + ")")
             if result.status != "ok":
                 on_progress(0.2, f"candidate {result.line()}")
                 continue
@@ -415,8 +415,9 @@ def choose(
             continue
         judged_s = _record(result, done, speed, judged_frames, len(validation.frames), training)
         spent_s += result.fit_seconds + judged_s
-        reserve_s = max(reserve_s, _final_fit_seconds(result.fit_seconds, result.ms_per_frame, len(fit_frames),
-                                                      validation, training))
+        final_s = _final_fit_seconds(result.fit_seconds, result.ms_per_frame, len(fit_frames), validation, training)
+        if spent_s + final_s <= budget_s:  # room is kept only for a final fit that can still happen
+            reserve_s = max(reserve_s, final_s)
         fitted[index], decisions[index] = done.expert, done.judgement.decision
         overhead.setdefault(candidate.expert, result.ms_per_frame / max(probe, 1e-3))
         seconds_per_view.setdefault(candidate.expert, []).append(
@@ -434,8 +435,8 @@ def choose(
             result.detail = f"estimated {estimate:.0f} ms/frame (its members' sum, one backbone) > {training.expert_budget_ms:.0f}"
         elif spent_s + estimate * judged_frames / 1000 + reserve_s > budget_s:
             result.status = "skipped"
-            result.detail = (f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far, "
-                             f"{reserve_s:.0f} s kept for the final fit)")
+            result.detail = (f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far"
+                             + _kept(reserve_s) + ")")
         expert, decision = None, None
         if result.status == "ok":
             if candidate not in cache:
@@ -452,6 +453,10 @@ def choose(
     selection = _select(results, fitted, decisions, order)  # every candidate has its result by now
     selection.spent_s = spent_s
     return selection
+
+
+def _kept(reserve_s: float) -> str:
+    return f", {reserve_s:.0f} s kept for the final fit" if reserve_s > 0 else ""
 
 
 def _final_frames(validation: ValidationSet, position_aware: bool) -> list[np.ndarray]:
