@@ -165,10 +165,6 @@ class TrainingConfig(_Config):
                                   "(pipeline.core.audit); more would be normals that neither fit nor judge.")
     max_held_out_fraction: float = Field(default=0.5, gt=0, lt=1, description="The held-out roles never take "
                                          "more than this share of the images, floors included: fit keeps the rest.")
-    final_fit: bool = Field(default=True, description="Once the choice is made, fit the chosen expert again on "
-                            "the fit and validation normals (and the statistics normals when its image decision "
-                            "does not use them): more normals, a better bank. The choice keeps room for it in the "
-                            "add budget; an ensemble keeps its members' fits (their scales come from validation).")
     batch_size: int = Field(default=16, ge=1)
     expert_budget_ms: float = Field(default=DEFAULT_FRAME_BUDGET_MS, gt=0, allow_inf_nan=False, description="The line's per-frame "
                                     "budget: most ms per frame a chosen expert may cost on this machine, its "

@@ -101,14 +101,13 @@ def test_a_fit_longer_than_its_estimate_stops_where_the_add_budget_ends(tmp_path
     validation = make_validation_set(images.frames["validation"], 0)
     spec = candidate_specs("patchcore", frames)[0]
     candidates = [Candidate("patchcore", spec), Candidate("simplenet", spec)]
-    training = TrainingConfig(final_fit=False)  # no room kept for a final fit: the budget is the fits' alone
-    alone = choose(candidates[:1], frames, validation, backbones, MODEL, training, budget_s=1e6, speed=SPEED)
+    alone = choose(candidates[:1], frames, validation, backbones, MODEL, TrainingConfig(), budget_s=1e6, speed=SPEED)
     first = alone.results[0]
     first_s = first.fit_seconds + first.ms_per_frame * len(validation.frames) / 1000
     # Room for SimpleNet's estimate (PatchCore's cost per view, as nothing else is known yet), not for its
     # training steps: it starts, and is stopped where the budget ends.
     budget_s = 2.5 * first_s
-    bounded = choose(candidates, frames, validation, backbones, MODEL, training, budget_s=budget_s, speed=SPEED)
+    bounded = choose(candidates, frames, validation, backbones, MODEL, TrainingConfig(), budget_s=budget_s, speed=SPEED)
     stopped = bounded.results[1]
     assert stopped.status == "skipped" and "during its fit" in stopped.detail
     assert bounded.chosen.expert == "patchcore" and bounded.results[0].score == first.score

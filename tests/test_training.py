@@ -231,9 +231,7 @@ def test_trained_artifacts_shape_spec_and_meta(trained, backbones: Backbones) ->
         assert artifacts.keys.dtype == np.float32
         assert len({k.tobytes() for k in artifacts.keys}) == MODEL.num_keys  # distinct keys
         meta = artifacts.meta
-        # the bank's normals: the fit split and, after the choice, the validation normal (the final fit)
-        assert (meta["num_fit_images"], meta["num_validation_images"], meta["num_calibration_images"]) == (8, 1, 3)
-        assert meta["final_fit"]["status"] == "refit" and meta["final_fit"]["num_fit_frames"] == 8
+        assert (meta["num_fit_images"], meta["num_validation_images"], meta["num_calibration_images"]) == (7, 1, 3)
         assert [len(meta["splits"][r]) for r in (*ROLES, "unused")] == [7, 1, 3, 0, 1, 0]
         assert meta["image_decision"] == artifacts.image_decision.describe() and meta["frame_budget_ms"] == 250.0
         assert meta["model_config"] == MODEL.model_dump() and meta["expert_ms_per_frame"] > 0

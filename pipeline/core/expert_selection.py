@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -136,7 +136,6 @@ class Selection:
     results: list[CandidateResult]  # every candidate, in order
     fitted: list[Expert | None]  # aligned with results: the fitted expert (None: not fitted); benchmarks read it
     decisions: list[ImageDecision | None]  # aligned with results: each fitted candidate's image decision
-    spent_s: float = 0.0  # estimated seconds of the choice's work (fits and judging)
 
     @property
     def decision(self) -> ImageDecision:
@@ -347,9 +346,7 @@ def choose(
     estimated expert stage is over the per-frame budget (the backbone probe times the expert's overhead on
     an earlier spec, when there is one), or when the work so far plus its estimated fit (the most seconds
     per fit view of the same expert so far, else of any, times its views) and validation would pass
-    `budget_s` with room kept for the final fit (with `training.final_fit`: the costliest final fit, of
-    those fitted so far, that still fitted in the budget when its candidate was fitted; fit_final). If no
-    fitted candidate is
+    `budget_s`. If no fitted candidate is
     within the per-frame budget, the fastest fitted one is kept and says so: adding a task never fails
     for want of CPU. `cache`: candidates fitted by an earlier choice on the same data, reused (and filled)."""
     cache = {} if cache is None else cache
@@ -368,7 +365,6 @@ def choose(
     seconds_per_view: dict[str, list[float]] = {}  # expert -> estimated fit seconds per fit view, per fit
     spent_s = 0.0  # estimated seconds of the work done so far
     judged_frames = len(validation.frames) + len(validation.statistics)
-    reserve_s = 0.0  # kept for fit_final: the costliest final fit that can still happen
     features: dict[tuple[InputSpec, int], list] = {}  # fit features per (spec, orientations), shared by experts
     for step, index in enumerate(order):
         candidate = candidates[index]
@@ -385,10 +381,10 @@ def choose(
             if estimate > training.expert_budget_ms:
                 result.status, result.ms_per_frame = "over_budget", estimate
                 result.detail = f"estimated {estimate:.0f} ms/frame (backbone {probe:.0f}) > {training.expert_budget_ms:.0f}"
-            elif spent_s + fit_estimate + estimate * judged_frames / 1000 + reserve_s > budget_s:
+            elif spent_s + fit_estimate + estimate * judged_frames / 1000 > budget_s:
                 result.status = "skipped"
                 result.detail = (f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far, "
-                                 f"fit estimated {fit_estimate:.0f} s" + _kept(reserve_s) + ")")
+                                 f"fit estimated {fit_estimate:.0f} s)")
             if result.status != "ok":
                 on_progress(0.2, f"candidate {result.line()}")
                 continue
@@ -396,7 +392,7 @@ def choose(
             if candidate not in cache:
                 # a later candidate stops where the add budget ends: its estimate is from other fits and
                 # can be short (a trained expert's epochs), the counted work is not
-                left_s, backbone = budget_s - spent_s - reserve_s, candidate.spec.backbone
+                left_s, backbone = budget_s - spent_s, candidate.spec.backbone
                 over = None if step == 0 else (lambda work: speed.seconds(work, backbone) > left_s)
                 cache[candidate] = counted(lambda: _fit_and_judge(candidate, fit_frames, validation, backbones,
                                                                    model, training, features), over)[0]
@@ -415,9 +411,6 @@ def choose(
             continue
         judged_s = _record(result, done, speed, judged_frames, len(validation.frames), training)
         spent_s += result.fit_seconds + judged_s
-        final_s = _final_fit_seconds(result.fit_seconds, result.ms_per_frame, len(fit_frames), validation, training)
-        if spent_s + final_s <= budget_s:  # room is kept only for a final fit that can still happen
-            reserve_s = max(reserve_s, final_s)
         fitted[index], decisions[index] = done.expert, done.judgement.decision
         overhead.setdefault(candidate.expert, result.ms_per_frame / max(probe, 1e-3))
         seconds_per_view.setdefault(candidate.expert, []).append(
@@ -433,10 +426,9 @@ def choose(
         if estimate > training.expert_budget_ms:
             result.status, result.ms_per_frame = "over_budget", estimate
             result.detail = f"estimated {estimate:.0f} ms/frame (its members' sum, one backbone) > {training.expert_budget_ms:.0f}"
-        elif spent_s + estimate * judged_frames / 1000 + reserve_s > budget_s:
+        elif spent_s + estimate * judged_frames / 1000 > budget_s:
             result.status = "skipped"
-            result.detail = (f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far"
-                             + _kept(reserve_s) + ")")
+            result.detail = f"the add budget would be spent ({spent_s:.0f} s of {budget_s:.0f} s of work so far)"
         expert, decision = None, None
         if result.status == "ok":
             if candidate not in cache:
@@ -450,80 +442,7 @@ def choose(
         order.append(len(results))
         results.append(result)
         on_progress(0.8, f"candidate {result.line()}")
-    selection = _select(results, fitted, decisions, order)  # every candidate has its result by now
-    selection.spent_s = spent_s
-    return selection
-
-
-def _kept(reserve_s: float) -> str:
-    return f", {reserve_s:.0f} s kept for the final fit" if reserve_s > 0 else ""
-
-
-def _final_frames(validation: ValidationSet, position_aware: bool) -> list[np.ndarray]:
-    """The normals the final fit adds to the fit frames: the validation normals, and the statistics normals
-    unless the image decision reads its per-position statistics from them (those must stay unseen)."""
-    return validation.normal + ([] if position_aware else validation.statistics)
-
-
-def _final_fit_seconds(fit_seconds: float, ms_per_frame: float, num_fit: int, validation: ValidationSet,
-                       training: TrainingConfig) -> float:
-    """Estimated seconds of a candidate's final fit (0 without one): its fit again, in proportion to the
-    frames (at most every validation and statistics normal more), and its map statistics once more."""
-    if not training.final_fit:
-        return 0.0
-    added = len(_final_frames(validation, position_aware=False))
-    return fit_seconds * (num_fit + added) / num_fit + ms_per_frame * len(validation.statistics) / 1000
-
-
-@dataclass(frozen=True)
-class FinalFit:
-    """The chosen candidate as the task keeps it: fitted again on more normals ("refit"), or the choice's own
-    fit ("kept": an ensemble, the final fit switched off, or no room left in the add budget: `detail` says)."""
-
-    expert: Expert
-    decision: ImageDecision  # the chosen decision; position-aware statistics taken anew from the final expert
-    num_fit_frames: int
-    status: str
-    detail: str = ""
-    wall_seconds: float = 0.0  # measured, for information (the budget judged its counted work)
-
-    def as_dict(self) -> dict:
-        return {"status": self.status, "num_fit_frames": self.num_fit_frames, "detail": self.detail}
-
-
-def fit_final(selection: Selection, fit_frames: list[np.ndarray], validation: ValidationSet, backbones: Backbones,
-              model: ModelConfig, training: TrainingConfig, budget_s: float, speed: MachineSpeed) -> FinalFit:
-    """The chosen single candidate fitted again on the fit frames plus the validation normals (and the
-    statistics normals when its decision is not position-aware), within what is left of `budget_s` after
-    the choice (selection.spent_s). The choice needed those normals held out to judge candidates; once it
-    is made, they are more normals for the bank, and more normals is what diverse products need. The
-    validation scores stay those of the choice's fits."""
-    chosen, decision = selection.chosen, selection.decision
-    kept = FinalFit(selection.expert, decision, len(fit_frames), "kept")
-    if not training.final_fit:
-        return replace(kept, detail="the final fit is switched off")
-    if chosen.members:
-        return replace(kept, detail="an ensemble keeps its members' fits: their scales come from validation")
-    position_aware = decision.statistics is not None
-    frames = fit_frames + _final_frames(validation, position_aware)
-    estimate_s = (chosen.fit_seconds * len(frames) / len(fit_frames)
-                  + (chosen.ms_per_frame * len(validation.statistics) / 1000 if position_aware else 0.0))
-    left_s = budget_s - selection.spent_s
-    if estimate_s > left_s:
-        return replace(kept, detail=f"no room in the add budget: {left_s:.0f} s left, the final fit estimated {estimate_s:.0f} s")
-    expert, backbone = build_expert(chosen.expert, model), chosen.spec.backbone
-    views, started = rotated(frames, chosen.orientations), time.perf_counter()
-    try:
-        counted(lambda: expert.fit(fit_batches(views, chosen.spec, backbones, training.batch_size),
-                                   backbones.for_spec(backbone)),
-                lambda work: speed.seconds(work, backbone) > left_s)
-    except WorkLimitReached:
-        return replace(kept, detail=f"the add budget was spent during the final fit ({left_s:.0f} s left)")
-    if position_aware:
-        statistics, _ = _map_statistics(expert, chosen.spec, validation.statistics, backbones, training.batch_size)
-        decision = ImageDecision(decision.aggregation, statistics)
-    return FinalFit(expert, decision, len(frames), "refit", f"{len(fit_frames)} fit + {len(frames) - len(fit_frames)} "
-                    "held-out normals", time.perf_counter() - started)
+    return _select(results, fitted, decisions, order)  # every candidate has its result by now
 
 
 def _record(result: CandidateResult, done: "Fitted", speed: MachineSpeed, judged_frames: int, validation_frames: int,

@@ -22,7 +22,7 @@ import torch
 from pipeline.core.calibration import Calibration
 from pipeline.core.cost import MachineSpeed, counted
 from pipeline.core.decision import ImageDecision
-from pipeline.core.expert_selection import choose, default_candidates, fit_final, make_validation_set
+from pipeline.core.expert_selection import choose, default_candidates, make_validation_set
 from pipeline.core.audit import AUDIT_MAX_NORMALS, make_audit_set
 from pipeline.core.task import TaskArtifacts
 from pipeline.core.task_id import KeyTaskIdentifier, select_keys, task_features
@@ -275,22 +275,19 @@ def train_task(
     # and what calibration and publishing need after it.
     budget_s = training.scaled_add_budget_s * (1.0 - CALIBRATION_RESERVE) - speed.seconds(keys_work, "dense")
     selection = choose(candidates, frames["fit"], validation, backbones, model, training, budget_s, speed, on_progress)
-    chosen, results = selection.chosen, selection.results
+    expert, chosen, results = selection.expert, selection.chosen, selection.results
+    summary = expert.fit_summary()
     on_progress(0.8, f"chose {chosen.expert} at {chosen.spec.describe()} with {chosen.decision}: validation score "
                      f"{chosen.score:.4f}, {chosen.ms_per_frame:.0f} ms/frame (" + "; ".join(r.line() for r in results) + ")")
-    final = fit_final(selection, frames["fit"], validation, backbones, model, training, budget_s, speed)
-    expert, summary = final.expert, final.expert.fit_summary()
-    on_progress(0.85, f"final fit: {final.status} on {final.num_fit_frames} frames" + (f" ({final.detail})" if final.detail else ""))
 
     calibration, calibration_scores = calibrate(expert, chosen.spec, backbones, keys, frames["calibration"], model,
-                                                training, false_alarm_rate, final.decision)
+                                                training, false_alarm_rate, selection.decision)
     highest = highest_normals([p.name for p in splits.calibration], calibration_scores, calibration.threshold)
     meta = {
         "train_dir": str(train_dir),
         "max_train_images": max_train_images,
         "frame_budget_ms": training.expert_budget_ms,
-        "num_fit_images": final.num_fit_frames,  # the bank's normals (the choice fitted on the fit split alone)
-        "final_fit": final.as_dict(),
+        "num_fit_images": len(frames["fit"]),
         "num_validation_images": len(frames["validation"]),
         "num_calibration_images": len(frames["calibration"]),
         "num_statistics_images": len(frames["statistics"]),
@@ -311,7 +308,7 @@ def train_task(
                      f"; audit set of {meta['num_audit_frames']} frames; highest calibration normals "
                      + ", ".join(f"{n['image']} ({n['score']:.4g})" for n in highest))
     return TaskArtifacts(category, expert.name, keys, expert.to_bytes(), calibration, meta, chosen.spec,
-                         None if audit is None else audit.to_bytes(), final.decision)
+                         None if audit is None else audit.to_bytes(), selection.decision)
 
 
 def calibrate(expert: Expert, spec: InputSpec, backbones: Backbones, keys: np.ndarray, images: list[np.ndarray],

@@ -36,8 +36,8 @@ from scipy.stats import spearmanr
 
 from pipeline.core.cost import MachineSpeed
 from pipeline.core.decision import ImageDecision
-from pipeline.core.expert_selection import (AUTO_EXPERTS, Candidate, CandidateResult, FinalFit, FitCache, Selection,
-                                            candidate_specs, choose, default_candidates, fit_final, make_validation_set,
+from pipeline.core.expert_selection import (AUTO_EXPERTS, Candidate, CandidateResult, FitCache, Selection,
+                                            candidate_specs, choose, default_candidates, make_validation_set,
                                             rotated)
 from pipeline.core.task_id import select_keys
 from pipeline.core.training import (CALIBRATION_RESERVE, calibrate, highest_normals, load_frames, load_task_images,
@@ -94,7 +94,6 @@ class BenchmarkRow:
     per_defect_size: dict = field(default_factory=dict)  # size bucket -> {count, recall_at_threshold, recall_at_1pct_far}
     highest_normals: list = field(default_factory=list)  # [{image, score, above_threshold}], highest score first
     validation_test_spearman: float = math.nan  # per category, over its fitted candidates
-    final_fit: dict = field(default_factory=dict)  # auto rows: FinalFit.as_dict (what the task keeps)
 
 
 @dataclass
@@ -153,13 +152,11 @@ def benchmark_category(
     auto = [c for c in default_candidates(fit, None, None) if c.expert in experts]
     cache: FitCache = {}
     selections: list[tuple[float, Selection]] = []
-    finals: dict[float, FinalFit] = {}  # per frame budget: its choice as a task keeps it (fit_final)
     for budget_ms in (frame_budgets_ms if auto else ()):
         at_budget = training.at_frame_budget(budget_ms)
-        budget_s = at_budget.scaled_add_budget_s * (1 - CALIBRATION_RESERVE)
-        selection = choose(auto, fit, validation, backbones, model, at_budget, budget_s, speed, on_progress, cache)
-        selections.append((budget_ms, selection))
-        finals[budget_ms] = fit_final(selection, fit, validation, backbones, model, at_budget, budget_s, speed)
+        selections.append((budget_ms, choose(auto, fit, validation, backbones, model, at_budget,
+                                             at_budget.scaled_add_budget_s * (1 - CALIBRATION_RESERVE), speed,
+                                             on_progress, cache)))
     rows: list[BenchmarkRow] = []
 
     def emit(row: BenchmarkRow) -> BenchmarkRow:
@@ -168,10 +165,10 @@ def benchmark_category(
         return row
 
     def judged(expert: Expert, spec: InputSpec, decision: ImageDecision, result: CandidateResult | None,
-               fit_seconds: float, status: str, label: str | None = None, num_fit: int = len(fit)) -> BenchmarkRow:
+               fit_seconds: float, status: str, label: str | None = None) -> BenchmarkRow:
         name = expert.name if result is None else result.candidate.label  # an ensemble's label names its members
         row = _evaluate(category, expert, spec, decision, label or name, status, fit_seconds,
-                        math.nan if result is None else result.score, num_fit, test, backbones, keys,
+                        math.nan if result is None else result.score, len(fit), test, backbones, keys,
                         images.frames["calibration"], model, training)
         if result is not None:
             row = replace(row, chosen_expert=name, spec=_spec_text(result), estimated_ms_per_frame=result.ms_per_frame,
@@ -214,22 +211,15 @@ def benchmark_category(
         if isinstance(expert, UCAD):  # the prompt ablation: the same knowledge without any prompt
             plain, plain_seconds = fit_here(name, spec, UCAD(replace(expert.config, prompt_epochs=0)))
             emit(judged(plain, spec, ImageDecision(), None, plain_seconds, "ablation", label="ucad (no prompt)"))
-    refitted: dict[Candidate, BenchmarkRow] = {}  # a final fit is deterministic: tested once for every budget
     for budget_ms, selection in selections:
-        kept, final = selection.chosen.candidate, finals[budget_ms]
-        if final.status == "refit" and kept not in refitted:  # the auto row tests what a task would keep
-            refitted[kept] = judged(final.expert, selection.chosen.spec, final.decision, selection.chosen,
-                                    final.wall_seconds, selection.chosen.status, num_fit=final.num_fit_frames)
-        elif kept not in by_candidate:  # not tested among the candidates' rows: tested here, once
+        kept = selection.chosen.candidate
+        if kept not in by_candidate:  # not tested among the candidates' rows: tested here, once
             done = cache[kept]
             by_candidate[kept] = judged(done.expert, selection.chosen.spec, done.judgement.decision, selection.chosen,
                                         done.wall_seconds, selection.chosen.status)
-        chosen = refitted[kept] if final.status == "refit" else by_candidate[kept]
+        chosen = by_candidate[kept]
         label = "auto" if budget_ms == frame_budgets_ms[0] else f"auto@{budget_ms:g}ms"
-        note = "; ".join(filter(None, [chosen.note, f"final fit: {final.status} on {final.num_fit_frames} frames"
-                                       + (f" ({final.detail})" if final.detail else "")]))
-        emit(replace(chosen, expert=label, frame_budget_ms=budget_ms, status=selection.chosen.status,
-                     final_fit=final.as_dict(), note=note))
+        emit(replace(chosen, expert=label, frame_budget_ms=budget_ms, status=selection.chosen.status))
     return _with_spearman(rows)
 
 
