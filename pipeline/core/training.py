@@ -257,7 +257,8 @@ def train_task(
     candidate specs for these frames, chosen on validation (a named expert with one spec skips it).
     `speed`: this machine's (MachineSpeed.cached by default), what candidates' work is costed at."""
     started = time.perf_counter()
-    images = load_task_images(train_dir, training, model.seed, max_train_images)  # refuses a folder before any model work
+    # the folder is checked first: a refused add measures nothing and loads no model
+    images = load_task_images(train_dir, training, model.seed, max_train_images)
     speed = speed or MachineSpeed.cached(backbones)
     splits, frames, skipped = images.splits, images.frames, images.skipped
     on_progress(0.05, f"{len(frames['fit'])} images to fit, {len(frames['validation'])} to validate, "
