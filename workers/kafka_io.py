@@ -122,7 +122,11 @@ def make_transactional_producer(
     which is how long a killed worker's unfinished batch can hold back read_committed readers.
     """
     # send() and init wait at most 10 s for a broker (then fail, and the batch is redone), not 60 s.
-    options = {"max_block_ms": 10_000, **overrides}
+    # A record undelivered when its transaction step gives up (transaction_timeout_ms + 5 s) is dropped
+    # with it: kafka-python's close() raises from its flush before it stops the sender, so a replaced
+    # producer went on retrying its batches for the default 120 s, and while it did, the new producer of
+    # the same transactional id committed a batch only every 30 s or so (measured after a broker restart).
+    options = {"max_block_ms": 10_000, "delivery_timeout_ms": transaction_timeout_ms + 5_000, **overrides}
     producer = make_producer(bootstrap, topics, client_id=transactional_id, transactional_id=transactional_id,
                              transaction_timeout_ms=transaction_timeout_ms, **options)
     try:
