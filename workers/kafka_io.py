@@ -43,6 +43,7 @@ RECOVERY_OPTIONS: dict[str, Any] = dict(
 GROUP_OPTIONS: dict[str, Any] = dict(session_timeout_ms=10_000, heartbeat_interval_ms=2_000,
                                      max_poll_interval_ms=60_000)
 READ_COMMITTED = "read_committed"
+LINGER_MS = 5  # producers wait this long to batch records
 
 
 def process_security() -> dict[str, Any]:
@@ -104,7 +105,7 @@ def make_producer(bootstrap: str, topics: TopicsConfig, client_id: str, **overri
         delivery_timeout_ms=120_000,
         max_in_flight_requests_per_connection=5,
         max_request_size=topics.max_message_bytes,
-        linger_ms=5,
+        linger_ms=LINGER_MS,
         **RECOVERY_OPTIONS,
         **process_security(),
     )
@@ -126,7 +127,9 @@ def make_transactional_producer(
     # with it: kafka-python's close() raises from its flush before it stops the sender, so a replaced
     # producer went on retrying its batches for the default 120 s, and while it did, the new producer of
     # the same transactional id committed a batch only every 30 s or so (measured after a broker restart).
-    options = {"max_block_ms": 10_000, "delivery_timeout_ms": transaction_timeout_ms + 5_000, **overrides}
+    # (kafka-python refuses a delivery timeout below linger_ms + request_timeout_ms.)
+    delivery_timeout_ms = max(transaction_timeout_ms + 5_000, LINGER_MS + RECOVERY_OPTIONS["request_timeout_ms"])
+    options = {"max_block_ms": 10_000, "delivery_timeout_ms": delivery_timeout_ms, **overrides}
     producer = make_producer(bootstrap, topics, client_id=transactional_id, transactional_id=transactional_id,
                              transaction_timeout_ms=transaction_timeout_ms, **options)
     try:
