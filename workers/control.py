@@ -53,7 +53,8 @@ from schemas.messages import (
     command_fields_of,
     parse_control,
 )
-from workers.kafka_io import make_consumer, make_transactional_producer, record_of, rewind_to_committed
+from workers.kafka_io import (make_consumer, make_transactional_producer, record_of, rewind_to_committed,
+                              transaction_step_timeout_ms)
 from workers.liveness import RESTARTS_ENV, PollWatchdog
 from workers.metrics import ControlMetrics
 from workers.security import TRANSACTIONAL_ID_PREFIXES
@@ -120,7 +121,8 @@ class ControlWorker:
         self.slot = TransactionSlot(
             slot_id, lambda: make_transactional_producer(bootstrap, topics, slot_id, config.transaction_timeout_ms,
                                                          **client_options),
-            step_timeout_s=config.transaction_timeout_ms / 1000 + 5, stuck_after_s=config.stuck_after_s)
+            step_timeout_s=transaction_step_timeout_ms(config.transaction_timeout_ms) / 1000,
+            stuck_after_s=config.stuck_after_s)
         self.watchdog = PollWatchdog(metrics, config.stuck_after_s)
         self._running: _Running | None = None
         self._handlers: dict[type, Callable] = {

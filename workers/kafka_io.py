@@ -46,6 +46,11 @@ READ_COMMITTED = "read_committed"
 LINGER_MS = 5  # producers wait this long to batch records
 
 
+def transaction_step_timeout_ms(transaction_timeout_ms: int) -> int:
+    """How long one transaction step may take: the broker's own abort of it, plus 5 s to hear of that."""
+    return transaction_timeout_ms + 5_000
+
+
 def process_security() -> dict[str, Any]:
     """kafka-python SASL/TLS options of this process' credentials; {} when none are configured."""
     return kafka_client_options(load_credentials())
@@ -128,7 +133,8 @@ def make_transactional_producer(
     # producer went on retrying its batches for the default 120 s, and while it did, the new producer of
     # the same transactional id committed a batch only every 30 s or so (measured after a broker restart).
     # (kafka-python refuses a delivery timeout below linger_ms + request_timeout_ms.)
-    delivery_timeout_ms = max(transaction_timeout_ms + 5_000, LINGER_MS + RECOVERY_OPTIONS["request_timeout_ms"])
+    delivery_timeout_ms = max(transaction_step_timeout_ms(transaction_timeout_ms),
+                              LINGER_MS + RECOVERY_OPTIONS["request_timeout_ms"])
     options = {"max_block_ms": 10_000, "delivery_timeout_ms": delivery_timeout_ms, **overrides}
     producer = make_producer(bootstrap, topics, client_id=transactional_id, transactional_id=transactional_id,
                              transaction_timeout_ms=transaction_timeout_ms, **options)

@@ -17,7 +17,7 @@ from kafka.errors import KafkaError
 from schemas.config import InferenceConfig, TopicsConfig
 from schemas.messages import Record
 from workers.inference.polling import FramePoller, PolledBatch, next_offsets
-from workers.kafka_io import make_producer, make_transactional_producer, send_record
+from workers.kafka_io import make_producer, make_transactional_producer, send_record, transaction_step_timeout_ms
 from workers.liveness import PollWatchdog
 from workers.metrics import InferenceMetrics
 from workers.security import TRANSACTIONAL_ID_PREFIXES
@@ -52,7 +52,8 @@ class BatchDelivery:
                 TRANSACTIONAL_ID_PREFIX + worker_id,
                 lambda: make_transactional_producer(bootstrap, topics, TRANSACTIONAL_ID_PREFIX + worker_id,
                                                     config.transaction_timeout_ms, **client_options),
-                step_timeout_s=config.transaction_timeout_ms / 1000 + 5, stuck_after_s=config.stuck_after_s,
+                step_timeout_s=transaction_step_timeout_ms(config.transaction_timeout_ms) / 1000,
+                stuck_after_s=config.stuck_after_s,
                 after_commit=self._fault_after_commit)
         else:
             self.producer = make_producer(bootstrap, topics, client_id=worker_id, **client_options)
