@@ -1,5 +1,6 @@
 """The transaction slot on the real broker: what a refused transaction held is never committed later, and
-a producer that cannot be replaced stops the worker in time without leaking producers."""
+a producer that cannot be replaced stops the worker in time without leaking producers, and a replaced
+producer is closed once its unsent records expire."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 from schemas.config import TopicsConfig
 from schemas.messages import Record
-from workers.kafka_io import make_consumer, make_transactional_producer
+from workers.kafka_io import make_consumer, make_transactional_producer, transaction_step_timeout_ms
 from tools.stack import LocalStack
 from workers.transactions import ProducerReplacementFailed, TransactionFailed, TransactionSlot
 
@@ -73,3 +74,31 @@ def test_replacing_a_producer_gives_up_in_time_and_leaks_none(stack: LocalStack)
     while _threads_of(slot_id) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _threads_of(slot_id) == 0
+
+
+def test_a_replaced_producer_is_closed_once_its_unsent_records_expire(stack: LocalStack) -> None:
+    """A step overran with records unsent (the broker away): the replaced producer's records expire within
+    the step's bound and it is then closed, its I/O thread gone, though kafka-python's close() raised at
+    first (it flushes before it stops anything); the new producer commits."""
+    topics, bootstrap = TopicsConfig(), stack.config.bootstrap_servers
+    slot_id = "inspection-infer-expiry-test"
+    step_s = transaction_step_timeout_ms(10_000) / 1000
+    slot = TransactionSlot(slot_id, lambda: make_transactional_producer(bootstrap, topics, slot_id, 10_000),
+                           step_timeout_s=step_s, stuck_after_s=120)
+    try:
+        slot.commit([(topics.results, Record(b"k", b"v", []))])
+        one_producer = _threads_of(slot_id)
+        assert stack.kill("kafka")
+        back = threading.Timer(step_s + 3, stack.up)  # after the step has overrun: the producer is replaced
+        back.start()
+        with pytest.raises(TransactionFailed):
+            slot.commit([(topics.results, Record(f"k{i}".encode(), b"v" * 1000, [])) for i in range(50)])
+        back.join()
+        deadline = time.monotonic() + step_s + 10
+        while _threads_of(slot_id) > one_producer and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _threads_of(slot_id) == one_producer, [t.name for t in threading.enumerate()]
+        slot.commit([(topics.results, Record(b"k-after", b"v", []))])
+    finally:
+        slot.close()
+        stack.up()

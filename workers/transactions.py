@@ -114,7 +114,7 @@ class TransactionSlot:
         stuck, self.producer = self.producer, None
         self._steps.shutdown(wait=False)  # its thread may stay blocked on the old producer; let it go
         self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transaction")
-        threading.Thread(target=lambda: stuck.close(timeout=5), daemon=True).start()
+        threading.Thread(target=_close_replaced, args=(stuck,), daemon=True).start()
         give_up_at = time.monotonic() + self._stuck_after_s
         while self.producer is None:
             try:
@@ -125,6 +125,21 @@ class TransactionSlot:
                         f"no new producer for slot {self.name} within {self._stuck_after_s:.0f} s") from exc
                 log.warning("new producer not ready (%s); retrying", exc)
                 time.sleep(1)
+
+
+def _close_replaced(producer: KafkaProducer) -> None:
+    """Close a replaced producer for good. kafka-python's close() flushes first and raises when records are
+    still undelivered, before it stops the producer's threads, so a producer replaced while the broker was
+    away would keep its I/O thread and sockets for the life of the process. Its records expire within its
+    delivery timeout (bound to the transaction step); the second close waits that out, then stops it."""
+    try:
+        producer.close(timeout=5)
+    except KafkaError as first:
+        log.info("replaced producer not closed yet (%s); closing once its records expire", first)
+        try:
+            producer.close(timeout=producer.config["delivery_timeout_ms"] / 1000 + 5)
+        except KafkaError as exc:
+            log.warning("replaced producer could not be closed (%s: %s)", type(exc).__name__, exc)
 
 
 __all__ = ["ProducerReplacementFailed", "TransactionFailed", "TransactionSlot"]
