@@ -78,8 +78,8 @@ def test_replacing_a_producer_gives_up_in_time_and_leaks_none(stack: LocalStack)
 
 def test_a_replaced_producer_is_closed_once_its_unsent_records_expire(stack: LocalStack) -> None:
     """A step overran with records unsent (the broker away): the replaced producer's records expire within
-    the step's bound and it is then closed, its I/O thread gone, though kafka-python's close() raised at
-    first (it flushes before it stops anything); the new producer commits."""
+    the step's bound and it is then closed, its I/O thread gone (kafka-python's close() flushes before it
+    stops anything, and raises if its timeout ends first); the new producer commits."""
     topics, bootstrap = TopicsConfig(), stack.config.bootstrap_servers
     slot_id = "inspection-infer-expiry-test"
     step_s = transaction_step_timeout_ms(10_000) / 1000

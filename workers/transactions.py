@@ -128,18 +128,15 @@ class TransactionSlot:
 
 
 def _close_replaced(producer: KafkaProducer) -> None:
-    """Close a replaced producer for good. kafka-python's close() flushes first and raises when records are
-    still undelivered, before it stops the producer's threads, so a producer replaced while the broker was
-    away would keep its I/O thread and sockets for the life of the process. Its records expire within its
-    delivery timeout (bound to the transaction step); the second close waits that out, then stops it."""
+    """Close a replaced producer for good, waiting out its undelivered records. kafka-python's close()
+    flushes first and raises if records are still undelivered when its timeout ends, before it stops the
+    producer's threads: a short timeout left a producer replaced while the broker was away with its I/O
+    thread and sockets for the life of the process. Its records expire within its delivery timeout (bound
+    to the transaction step), so a timeout past that one always reaches the stop."""
     try:
-        producer.close(timeout=5)
-    except KafkaError as first:
-        log.info("replaced producer not closed yet (%s); closing once its records expire", first)
-        try:
-            producer.close(timeout=producer.config["delivery_timeout_ms"] / 1000 + 5)
-        except KafkaError as exc:
-            log.warning("replaced producer could not be closed (%s: %s)", type(exc).__name__, exc)
+        producer.close(timeout=producer.config["delivery_timeout_ms"] / 1000 + 5)
+    except KafkaError as exc:
+        log.warning("replaced producer could not be closed (%s: %s)", type(exc).__name__, exc)
 
 
 __all__ = ["ProducerReplacementFailed", "TransactionFailed", "TransactionSlot"]

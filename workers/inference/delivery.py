@@ -93,7 +93,7 @@ class BatchDelivery:
             sent = [send_record(self.producer, topic, record) for topic, record in outgoing]
             # Results are on the broker before their frames' offsets are committed. Bounded: an unbounded
             # flush that never returns would hold the worker (its poll loop waits on this delivery).
-            self.producer.flush(timeout=self.config.transaction_timeout_ms / 1000 + 5)
+            self.producer.flush(timeout=transaction_step_timeout_ms(self.config.transaction_timeout_ms) / 1000)
             for future in sent:  # flush only logs a send that failed for good: ask each one
                 future.get(timeout=0)
             return True
